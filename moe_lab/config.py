@@ -1,0 +1,238 @@
+"""Model and training configuration, validated once with pydantic.
+
+    cfg = MoEConfig(hidden_size=128, num_layers=2, num_attention_heads=4)
+    cfg.to_json("config.json"); MoEConfig.from_json("config.json") == cfg   # exact round trip
+
+Invalid values raise :class:`moe_lab.errors.ConfigError` (also a ``ValueError``) with a
+message that names each bad field, its value and what was expected. Derived values
+(``intermediate_size``, router-specific capacity defaults) are properties, so what you
+store is exactly what is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Literal, Optional, Tuple, Type, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .constants import (
+    DEFAULT_EXPERTS_PER_TOKEN,
+    DEFAULT_HIDDEN_SIZE,
+    DEFAULT_NUM_EXPERTS,
+    MAX_EXPERTS_SUPPORTED,
+)
+from .errors import ConfigError
+from .types import ActivationType, ExpertType, RouterType
+
+_C = TypeVar("_C", bound="_StrictModel")
+
+_FFN_ACTIVATIONS = (ActivationType.RELU, ActivationType.GELU)
+_GLU_ACTIVATIONS = (ActivationType.SWIGLU, ActivationType.GEGLU)
+
+
+def format_validation_error(exc: ValidationError, owner: str) -> str:
+    """Turn a pydantic error into one line per bad field: ``owner.field = value: reason``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        where = f"{owner}.{loc}" if loc else owner
+        msg = err.get("msg", "invalid value")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err.get("type") == "extra_forbidden":
+            lines.append(f"{where}: unknown field (check the spelling; see {owner} for the fields)")
+        elif "input" in err and not loc == "":
+            lines.append(f"{where} = {err['input']!r}: {msg}")
+        else:
+            lines.append(f"{where}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+class _StrictModel(BaseModel):
+    """Pydantic base: unknown keys are errors, and validation errors become ConfigError."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, type(self).__name__)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, type(self).__name__)) from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-able dict (enums as strings)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls: Type[_C], data: Dict[str, Any]) -> _C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_json(cls: Type[_C], path: str | os.PathLike) -> _C:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{cls.__name__}: config file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__}: {path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+    def replace(self: _C, **changes: Any) -> _C:
+        """A validated copy with some fields changed."""
+        return type(self)(**{**self.to_dict(), **changes})
+
+
+class MoEConfig(_StrictModel):
+    """Architecture of an :class:`~moe_lab.MoEModel`: a pre-norm decoder (RMSNorm, RoPE,
+    causal SDPA attention, no biases) whose MLPs are MoE layers.
+
+    Router options: ``capacity_factor=None`` means the router's own default (top_k: no
+    capacity limit; switch: 1.25; expert_choice: 1.0). ``router_jitter_noise=None`` means
+    the router's default (switch: 0.1, others 0.0).
+    """
+
+    # vocabulary and trunk
+    vocab_size: int = Field(50257, gt=0)
+    hidden_size: int = Field(DEFAULT_HIDDEN_SIZE, gt=0)
+    num_layers: int = Field(12, gt=0)
+    num_attention_heads: int = Field(12, gt=0)
+    num_key_value_heads: Optional[int] = Field(None, gt=0)
+    max_position_embeddings: int = Field(2048, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    tie_word_embeddings: bool = False
+    initializer_range: float = Field(0.02, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    # experts
+    num_experts: int = Field(DEFAULT_NUM_EXPERTS, ge=1, le=MAX_EXPERTS_SUPPORTED)
+    experts_per_token: int = Field(DEFAULT_EXPERTS_PER_TOKEN, ge=1)
+    expert_hidden_size: Optional[int] = Field(None, gt=0)
+    expert_type: ExpertType = ExpertType.GLU
+    activation: ActivationType = ActivationType.SWIGLU
+    expert_dropout: float = Field(0.0, ge=0, lt=1)
+    moe_layer_frequency: int = Field(1, ge=1)
+    dense_intermediate_size: Optional[int] = Field(None, gt=0)
+    # router
+    router_type: RouterType = RouterType.TOP_K
+    capacity_factor: Optional[float] = Field(None, gt=0)
+    drop_tokens: bool = True
+    router_jitter_noise: Optional[float] = Field(None, ge=0, lt=1)
+    normalize_router_weights: bool = True
+    router_bias: bool = False
+    expert_choice_eval_routing: Literal["token_choice", "expert_choice"] = "token_choice"
+    load_balancing_loss_coef: float = Field(0.01, ge=0)
+    router_z_loss_coef: float = Field(0.001, ge=0)
+    # implementation
+    moe_backend: Literal["auto", "grouped", "eager"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        problems = []
+        if self.experts_per_token > self.num_experts:
+            problems.append(
+                f"experts_per_token ({self.experts_per_token}) must be <= num_experts ({self.num_experts})"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        elif (self.hidden_size // self.num_attention_heads) % 2:
+            problems.append(
+                f"head dim hidden_size/num_attention_heads ({self.hidden_size // self.num_attention_heads}) "
+                "must be even for rotary embeddings"
+            )
+        if self.num_attention_heads % self.kv_heads:
+            problems.append(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.kv_heads})"
+            )
+        allowed = _GLU_ACTIVATIONS if self.expert_type == ExpertType.GLU else _FFN_ACTIVATIONS
+        if self.activation not in allowed:
+            problems.append(
+                f"activation {self.activation.value!r} does not fit expert_type {self.expert_type.value!r} "
+                f"(expected one of {[a.value for a in allowed]})"
+            )
+        if self.router_type == RouterType.SWITCH and self.experts_per_token != 1:
+            problems.append(
+                f"router_type 'switch' routes each token to 1 expert; got experts_per_token "
+                f"({self.experts_per_token}), set it to 1"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        """Expert intermediate size (``expert_hidden_size``, default 4 * hidden_size)."""
+        return self.expert_hidden_size or 4 * self.hidden_size
+
+    @property
+    def dense_ffn_size(self) -> int:
+        return self.dense_intermediate_size or self.intermediate_size
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Layer ``i`` is MoE when ``(i + 1) % moe_layer_frequency == 0`` (1: every layer)."""
+        return (layer_idx + 1) % self.moe_layer_frequency == 0
+
+    @property
+    def moe_layer_indices(self) -> Tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+
+class TrainingConfig(_StrictModel):
+    """Optimisation settings for :class:`~moe_lab.MoETrainer` and the ``training`` job section.
+
+    ``batch_size`` is the global micro-batch (split over data-parallel ranks); one optimiser
+    step consumes ``batch_size * gradient_accumulation_steps`` sequences.
+    """
+
+    output_dir: str = "./outputs"
+    num_epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(1000, ge=0)
+    mixed_precision: bool = True
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    eval_steps: int = Field(500, ge=1)
+    save_steps: int = Field(1000, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    eval_samples: Optional[int] = Field(None, ge=1)
+    seed: int = 42
+    device: str = "auto"
+    save_total_limit: Optional[int] = Field(2, ge=1)
+    progress_bar: bool = True
+    fast_paths: bool = True

@@ -1,0 +1,86 @@
+"""Token dispatch: permute tokens into expert order, and combine expert outputs back.
+
+A dispatcher holds no parameters. ``dispatch`` takes the router's ``[T, K]`` slots and
+returns the token rows sorted by (local) expert plus the rows per expert; ``combine`` takes
+the experts' output rows and returns ``[T, D]``, each token the weighted sum of its slots.
+Empty slots (-1) are skipped. The metadata that ``combine`` needs travels in a frozen
+dataclass.
+
+:class:`LocalDispatcher` is the single-process dispatcher. The expert-parallel dispatcher
+(:class:`moe_lab.parallel.AllToAllDispatcher`) has the same interface and adds an
+all-to-all between the two halves.
+
+Shape letters: T tokens, D hidden, K slots per token, N routed rows, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class DispatchMetadata:
+    """What ``combine`` needs to undo ``dispatch``."""
+
+    token_indices: torch.Tensor  #: [N] source token of each sorted row
+    weights: torch.Tensor  #: [N] fp32 combine weight of each sorted row
+    tokens_per_expert: torch.Tensor  #: [E] rows per expert (global experts, before any all-to-all)
+    num_tokens: int  #: T
+    extra: Optional[Any] = None  #: dispatcher-specific state (the all-to-all splits)
+
+
+def sort_by_expert(
+    expert_indices_TK: torch.Tensor, combine_weights_TK: torch.Tensor, num_experts: int, all_valid: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten the slots, drop the empty ones and sort by expert (stable: token order kept).
+
+    Returns ``(token_indices_N, weights_N, tokens_per_expert_E)``.
+    """
+    num_tokens, k = expert_indices_TK.shape
+    flat_e = expert_indices_TK.reshape(-1)  # [T*K]
+    flat_w = combine_weights_TK.reshape(-1)
+    flat_t = torch.arange(num_tokens, device=flat_e.device).repeat_interleave(k)  # [T*K]
+    if not all_valid:
+        keep = (flat_e >= 0).nonzero().squeeze(-1)
+        flat_e, flat_w, flat_t = flat_e[keep], flat_w[keep], flat_t[keep]
+    order = torch.argsort(flat_e, stable=True)
+    tokens_per_expert = torch.bincount(flat_e, minlength=num_experts)
+    return flat_t[order], flat_w[order], tokens_per_expert
+
+
+def weighted_combine(
+    y_ND: torch.Tensor, token_indices_N: torch.Tensor, weights_N: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """``out[t] = sum over rows r of token t: weights[r] * y[r]``, accumulated in fp32; [T, D]."""
+    contrib = y_ND.float() * weights_N.unsqueeze(-1)  # [N, D]
+    out = contrib.new_zeros(num_tokens, y_ND.shape[-1])
+    return out.index_add_(0, token_indices_N, contrib).to(y_ND.dtype)
+
+
+class LocalDispatcher:
+    """Single-process dispatch: a gather into expert order and a weighted scatter-add back."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts
+
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        expert_indices_TK: torch.Tensor,
+        combine_weights_TK: torch.Tensor,
+        all_valid: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, DispatchMetadata]:
+        """Returns ``(x_ND sorted by expert, tokens_per_expert_E, metadata)``."""
+        token_idx_N, weights_N, tokens_per_expert_E = sort_by_expert(
+            expert_indices_TK, combine_weights_TK, self.num_experts, all_valid
+        )
+        meta = DispatchMetadata(token_idx_N, weights_N, tokens_per_expert_E, x_TD.shape[0])
+        return x_TD[token_idx_N], tokens_per_expert_E, meta
+
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
+        """Weighted sum of each token's expert outputs: [T, D]."""
+        return weighted_combine(y_ND, meta.token_indices, meta.weights, meta.num_tokens)
