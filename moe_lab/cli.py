@@ -7,8 +7,11 @@ never a traceback.
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated, Any, Callable, List, Optional
 
 import typer
 
@@ -44,6 +47,115 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print a user-facing error and return the Exit to raise."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user mistakes (MoEError, missing files) into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MoEError as exc:
+            raise fail(str(exc)) from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise fail(str(exc)) from None
+
+    return wrapper
+
+
+SetOption = Annotated[
+    Optional[List[str]],
+    typer.Option("--set", help="Override a job field: section.key=value (repeatable), e.g. --set training.max_steps=50"),
+]
+
+
+@app.command()
+@user_errors
+def train(
+    job: Annotated[Optional[Path], typer.Argument(help="Job spec YAML (default: the built-in tiny job on the built-in corpus).")] = None,
+    set_: SetOption = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where outputs go (default: training.output_dir).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Resume from the newest checkpoint in the output directory.")] = False,
+) -> None:
+    """Train a job. With no JOB, train the built-in default job (the main job of `make demo`)."""
+    from .jobs import load_job
+    from .pipeline import format_summary, run_job_local
+
+    spec = load_job(job, set_ or [])
+    summary = run_job_local(spec, str(output_dir) if output_dir else None, resume=resume)
+    typer.echo(format_summary(summary))
+
+
+def _load_checkpoint_and_tokenizer(ckpt: Path):
+    from .data import load_tokenizer
+    from .training.checkpoint import load_pretrained_moe
+
+    model = load_pretrained_moe(ckpt, dropout=0.0)
+    tok = load_tokenizer(ckpt) if (Path(ckpt) / "tokenizer_config.json").exists() else load_tokenizer("byte")
+    return model, tok
+
+
+@app.command()
+@user_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json + model.safetensors).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Text/jsonl/parquet/csv file; default: the built-in corpus's eval split.")] = None,
+    text_column: Annotated[str, typer.Option(help="Text column of --data.")] = "text",
+    max_length: Annotated[int, typer.Option(help="Block length in tokens.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 16,
+    num_samples: Annotated[Optional[int], typer.Option(help="Evaluate on the first N blocks only.")] = None,
+) -> None:
+    """Evaluate a checkpoint: loss, perplexity and routing statistics (JSON on stdout)."""
+    from .data import build_corpus, load_text_dataset, prepare_moe_dataset, train_eval_split
+    from .training import MoETrainer
+
+    model, tok = _load_checkpoint_and_tokenizer(checkpoint)
+    if data is None:
+        _, raw = train_eval_split(build_corpus(), eval_fraction=0.05, seed=0)
+    else:
+        raw = load_text_dataset(str(data), text_column=text_column)
+    ds = prepare_moe_dataset(raw, tok, max_length=min(max_length, model.config.max_position_embeddings),
+                             text_column=text_column)
+    trainer = MoETrainer(model, tokenizer=tok, mixed_precision=False, progress_bar=False)
+    result = trainer.evaluate(ds, batch_size=batch_size, num_samples=num_samples)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+
+
+@app.command()
+@user_errors
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 0.9,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+) -> None:
+    """Generate a continuation of --prompt, streaming tokens to the terminal."""
+    import torch
+
+    from .errors import InputError
+    from .inference import generate as gen
+
+    model, tok = _load_checkpoint_and_tokenizer(checkpoint)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise InputError("--prompt is empty")
+    stream = gen(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                 top_k=top_k, eos_token_id=tok.eos_token_id, seed=seed, streaming=True)
+    typer.echo(prompt, nl=False)
+    new: List[int] = []
+    shown = ""
+    for step in stream:
+        new.append(int(step[0]))
+        text = tok.decode(new, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # wait for the rest of a multi-byte character
+        typer.echo(text[len(shown):], nl=False)
+        shown = text
+    typer.echo(tok.decode(new, skip_special_tokens=True)[len(shown):])
 
 
 def main() -> None:

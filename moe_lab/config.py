@@ -11,6 +11,7 @@ store is exactly what is saved.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 from typing import Any, Dict, Literal, Optional, Tuple, Type, TypeVar
@@ -27,6 +28,7 @@ from .errors import ConfigError
 from .types import ActivationType, ExpertType, RouterType
 
 _C = TypeVar("_C", bound="_StrictModel")
+_INIT_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("moe_lab_config_init_depth", default=0)
 
 _FFN_ACTIVATIONS = (ActivationType.RELU, ActivationType.GELU)
 _GLU_ACTIVATIONS = (ActivationType.SWIGLU, ActivationType.GEGLU)
@@ -56,10 +58,18 @@ class _StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
 
     def __init__(self, **data: Any) -> None:
+        # pydantic calls a custom __init__ for nested models too: translate only at the
+        # outermost level so nested errors keep their full location (model.hidden_size).
+        depth = _INIT_DEPTH.get()
+        token = _INIT_DEPTH.set(depth + 1)
         try:
             super().__init__(**data)
         except ValidationError as exc:
+            if depth:
+                raise
             raise ConfigError(format_validation_error(exc, type(self).__name__)) from None
+        finally:
+            _INIT_DEPTH.reset(token)
 
     def __setattr__(self, name: str, value: Any) -> None:
         try:

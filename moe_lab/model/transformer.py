@@ -369,7 +369,7 @@ class MoEModel(nn.Module):
         if attention_mask is not None:
             attn_mask = build_attention_mask(attention_mask, s, past_len)
             token_mask = attention_mask[:, past_len:].bool()  # [B, S]
-        elif kv_cache is not None and s > 1 and past_len > 0:
+        elif kv_cache is not None and s > 1:
             attn_mask = build_attention_mask(torch.ones(b, past_len + s, device=input_ids.device), s, past_len)
 
         x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, S, D]

@@ -209,7 +209,7 @@ def test_router_losses_match_hand_values_end_to_end():
     probs = torch.softmax(x, -1)
     f = torch.tensor([2, 1, 1]) / 4
     assert float(info["load_balancing_loss"].detach()) == pytest.approx(float(3 * (f * probs.mean(0)).sum()), rel=1e-6)
-    assert float(info["router_z_loss"]) == pytest.approx(float(torch.logsumexp(x, -1).square().mean()), rel=1e-6)
+    assert float(info["router_z_loss"].detach()) == pytest.approx(float(torch.logsumexp(x, -1).square().mean()), rel=1e-6)
 
 
 # ---- bad input ---------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Router analytics, monitoring and plots."""

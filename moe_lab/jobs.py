@@ -1,0 +1,205 @@
+"""Job specs: one YAML file per run, validated once by pydantic.
+
+    name: my-run
+    model:    {hidden_size: 128, num_layers: 4, num_experts: 8, ...}   # MoEConfig fields
+    training: {batch_size: 16, learning_rate: 3.0e-3, max_steps: 300}  # TrainingConfig fields
+    data:     {dataset: builtin, max_length: 128, tokenizer: byte}      # DataSpec fields
+    scaling:  {num_workers: 1, expert_parallel_size: 1, use_gpu: false} # ScalingSpec fields
+
+``moe-lab train`` with no file runs :data:`DEFAULT_JOB`, a tiny MoE on the built-in corpus
+(``jobs/default.yaml`` holds the same job). One-off changes: ``--set section.key=value``.
+Unknown keys, wrong types and bad values raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from pydantic import Field, model_validator
+
+from .config import MoEConfig, TrainingConfig, _StrictModel
+from .errors import ConfigError
+
+
+class ModelSpec(MoEConfig):
+    """MoEConfig fields; ``vocab_size: null`` (the default here) takes the tokenizer's size."""
+
+    vocab_size: Optional[int] = Field(None, gt=0)  # type: ignore[assignment]
+
+    def to_config(self, vocab_size: int) -> MoEConfig:
+        data = self.to_dict()
+        data["vocab_size"] = self.vocab_size or vocab_size
+        return MoEConfig.from_dict(data)
+
+
+class DataSpec(_StrictModel):
+    """Where the text comes from and how it becomes token blocks."""
+
+    dataset: str = "builtin"  #: "builtin" (the multi-domain corpus) or a local file/directory
+    eval_dataset: Optional[str] = None  #: a local file; default: a held-out split of ``dataset``
+    text_column: str = "text"
+    label_column: Optional[str] = "domain"
+    tokenizer: str = "byte"  #: "byte", "bpe" (trained on the data), a saved tokenizer dir, or a transformers name
+    bpe_vocab_size: int = Field(1024, ge=300)
+    max_length: int = Field(128, ge=2)
+    corpus_size_bytes: int = Field(2_500_000, ge=10_000)
+    corpus_seed: int = 0
+    eval_fraction: float = Field(0.05, gt=0, lt=0.5)
+    num_proc: int = Field(2, ge=1)
+    streaming: bool = False  #: stream batches to Ray Train workers with Ray Data
+
+
+class ScalingSpec(_StrictModel):
+    """How many Ray Train workers, and how the experts are sharded over them."""
+
+    num_workers: int = Field(1, ge=1)
+    expert_parallel_size: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: Optional[float] = Field(None, gt=0)  #: default: sized so Ray Data is not starved
+    max_failures: int = Field(0, ge=-1)
+    storage_path: Optional[str] = None  #: Ray Train storage (checkpoints, results); default output_dir/ray
+    address: Optional[str] = None  #: an existing Ray cluster ("auto", "ray://host:10001"); default: local
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScalingSpec":
+        if self.num_workers % self.expert_parallel_size:
+            raise ValueError(
+                f"num_workers ({self.num_workers}) must be divisible by expert_parallel_size "
+                f"({self.expert_parallel_size})"
+            )
+        return self
+
+
+class JobSpec(_StrictModel):
+    """A whole run: model, training, data and scaling."""
+
+    name: str = "default"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataSpec = Field(default_factory=DataSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    analyze: bool = True  #: write report.html (router analytics) at the end
+
+    @model_validator(mode="after")
+    def _check(self) -> "JobSpec":
+        if self.model.num_experts % self.scaling.expert_parallel_size:
+            raise ValueError(
+                f"model.num_experts ({self.model.num_experts}) must be divisible by "
+                f"scaling.expert_parallel_size ({self.scaling.expert_parallel_size})"
+            )
+        if self.data.max_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.max_length ({self.data.max_length}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings})"
+            )
+        return self
+
+    def to_yaml(self, path: Optional[str | os.PathLike] = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+
+#: The built-in main job: a tiny MoE on the built-in multi-domain corpus, sized to finish in
+#: a few minutes on 2 CPU cores. ``jobs/default.yaml`` is the same job as a file.
+DEFAULT_JOB: Dict[str, Any] = {
+    "name": "default",
+    "model": {
+        "hidden_size": 128,
+        "num_layers": 4,
+        "num_attention_heads": 4,
+        "num_experts": 8,
+        "experts_per_token": 2,
+        "expert_hidden_size": 256,
+        "max_position_embeddings": 256,
+        "router_type": "top_k",
+        "load_balancing_loss_coef": 0.01,
+        "router_z_loss_coef": 0.001,
+        "dropout": 0.0,
+    },
+    "training": {
+        "output_dir": "./outputs/default",
+        "num_epochs": 1,
+        "batch_size": 16,
+        "learning_rate": 3.0e-3,
+        "warmup_steps": 30,
+        "max_steps": 300,
+        "eval_steps": 100,
+        "save_steps": 100,
+        "logging_steps": 10,
+        "eval_samples": 256,
+        "mixed_precision": False,
+        "seed": 0,
+    },
+    "data": {"dataset": "builtin", "tokenizer": "byte", "max_length": 128},
+    "scaling": {"num_workers": 1, "expert_parallel_size": 1},
+}
+
+
+def _parse_value(raw: str) -> Any:
+    """``--set`` values: JSON first (numbers like 1e-3, true, null, lists), then YAML, else a string."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``section.key=value`` strings to a job dict (a copy)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _prefix_errors(exc: ConfigError) -> ConfigError:
+    return ConfigError(str(exc).replace("JobSpec.", "job: "))
+
+
+def load_job(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> JobSpec:
+    """Load and validate a job: a YAML file, or the built-in default job when ``path`` is None."""
+    if path is None:
+        data: Dict[str, Any] = copy.deepcopy(DEFAULT_JOB)
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"job file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping with sections model/training/data/scaling")
+    data = apply_overrides(data, overrides)
+    try:
+        return JobSpec.from_dict(data)
+    except ConfigError as exc:
+        raise _prefix_errors(exc) from None
+
+
+def list_jobs(directory: str | os.PathLike = "jobs") -> List[Path]:
+    return sorted(Path(directory).glob("*.yaml"))
