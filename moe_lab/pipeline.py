@@ -13,7 +13,6 @@ Outputs in the job's output directory:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform

@@ -6,7 +6,7 @@ saves it to ``save_path`` (returning the path) or returns the figure.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import matplotlib
 

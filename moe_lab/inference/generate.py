@@ -13,7 +13,7 @@ Shape letters: B batch, S prompt length, Hkv key/value heads, Dh head dim, V voc
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn

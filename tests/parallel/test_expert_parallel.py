@@ -1,7 +1,6 @@
 """Expert parallelism on gloo, with plain torch.multiprocessing (no Ray): the sharded model's
 logits and gradients equal the single-process model's on the same global batch."""
 
-import os
 
 import pytest
 import torch

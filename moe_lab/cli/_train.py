@@ -1,68 +1,14 @@
-"""The ``moe-lab`` command line (Typer).
-
-Commands are thin: they parse options and hand off to plain functions. User mistakes
-(a bad job spec, a missing file, a bad value) print one clear message and exit with code 2,
-never a traceback.
-"""
+"""``moe-lab train``, ``evaluate`` and ``generate``."""
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
-from .errors import MoEError
-from .version import __version__
-
-app = typer.Typer(
-    name="moe-lab",
-    help="Open MoE Trainer Lab: train, sweep, analyse and serve Mixture-of-Experts language models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"moe-lab {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
-    ] = False,
-) -> None:
-    """Open MoE Trainer Lab."""
-
-
-def fail(message: str, code: int = 2) -> "typer.Exit":
-    """Print a user-facing error and return the Exit to raise."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user mistakes (MoEError, missing files) into a one-line message and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MoEError as exc:
-            raise fail(str(exc)) from None
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            raise fail(str(exc)) from None
-
-    return wrapper
-
+from . import app, user_errors
 
 SetOption = Annotated[
     Optional[List[str]],
@@ -79,8 +25,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Resume from the newest checkpoint in the output directory.")] = False,
 ) -> None:
     """Train a job. With no JOB, train the built-in default job (the main job of `make demo`)."""
-    from .jobs import load_job
-    from .pipeline import format_summary, run_job_local
+    from ..jobs import load_job
+    from ..pipeline import format_summary, run_job_local
 
     spec = load_job(job, set_ or [])
     summary = run_job_local(spec, str(output_dir) if output_dir else None, resume=resume)
@@ -88,8 +34,8 @@ def train(
 
 
 def _load_checkpoint_and_tokenizer(ckpt: Path):
-    from .data import load_tokenizer
-    from .training.checkpoint import load_pretrained_moe
+    from ..data import load_tokenizer
+    from ..training.checkpoint import load_pretrained_moe
 
     model = load_pretrained_moe(ckpt, dropout=0.0)
     tok = load_tokenizer(ckpt) if (Path(ckpt) / "tokenizer_config.json").exists() else load_tokenizer("byte")
@@ -107,8 +53,8 @@ def evaluate(
     num_samples: Annotated[Optional[int], typer.Option(help="Evaluate on the first N blocks only.")] = None,
 ) -> None:
     """Evaluate a checkpoint: loss, perplexity and routing statistics (JSON on stdout)."""
-    from .data import build_corpus, load_text_dataset, prepare_moe_dataset, train_eval_split
-    from .training import MoETrainer
+    from ..data import build_corpus, load_text_dataset, prepare_moe_dataset, train_eval_split
+    from ..training import MoETrainer
 
     model, tok = _load_checkpoint_and_tokenizer(checkpoint)
     if data is None:
@@ -136,8 +82,8 @@ def generate(
     """Generate a continuation of --prompt, streaming tokens to the terminal."""
     import torch
 
-    from .errors import InputError
-    from .inference import generate as gen
+    from ..errors import InputError
+    from ..inference import generate as gen
 
     model, tok = _load_checkpoint_and_tokenizer(checkpoint)
     ids = tok.encode(prompt)
@@ -158,20 +104,3 @@ def generate(
     typer.echo(tok.decode(new, skip_special_tokens=True)[len(shown):])
 
 
-def main() -> None:
-    """Console-script entry point: MoEError and bad files become a message and exit code 2."""
-    try:
-        app(standalone_mode=True)
-    except MoEError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
