@@ -30,6 +30,7 @@ from .model import (
     SwitchRouter,
     TopKRouter,
 )
+from .interop import UnsupportedConversionError, export_hf_mixtral, import_hf_mixtral, upcycle
 from .parallel import ExpertParallelism
 from .types import (
     ActivationType,
@@ -72,5 +73,9 @@ __all__ = [
     "TopKRouter",
     "TrainingConfig",
     "TrainingMetrics",
+    "UnsupportedConversionError",
     "__version__",
+    "export_hf_mixtral",
+    "import_hf_mixtral",
+    "upcycle",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, List, Optional
 
 import typer
 
@@ -65,6 +65,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+SetOption = Annotated[
+    Optional[List[str]],
+    typer.Option("--set", help="Override a job field: section.key=value (repeatable), e.g. --set training.max_steps=50"),
+]
+
+
 def main() -> None:
     """Console-script entry point: MoEError and bad files become a message and exit code 2."""
     try:
@@ -84,3 +90,5 @@ def main() -> None:
 
 # command modules register themselves on `app`
 from . import _train  # noqa: E402,F401
+from . import _distributed  # noqa: E402,F401
+from . import _interop  # noqa: E402,F401

@@ -8,13 +8,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from . import app, user_errors
-
-SetOption = Annotated[
-    Optional[List[str]],
-    typer.Option("--set", help="Override a job field: section.key=value (repeatable), e.g. --set training.max_steps=50"),
-]
-
+from . import SetOption, app, user_errors
 
 @app.command()
 @user_errors
@@ -23,13 +17,22 @@ def train(
     set_: SetOption = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where outputs go (default: training.output_dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Resume from the newest checkpoint in the output directory.")] = False,
+    address: Annotated[Optional[str], typer.Option("--address", help="Join this Ray cluster (e.g. auto, ray://host:10001); default: an embedded local cluster.")] = None,
 ) -> None:
-    """Train a job. With no JOB, train the built-in default job (the main job of `make demo`)."""
+    """Train a job on Ray Train workers. With no JOB, train the built-in default job (the main job of `make demo`).
+
+    The job's `scaling` section sets the workers: --set scaling.num_workers=2 --set scaling.expert_parallel_size=2.
+    """
     from ..jobs import load_job
-    from ..pipeline import format_summary, run_job_local
+    from ..orchestration.cluster import shutdown_ray
+    from ..orchestration.train import run_job_ray
+    from ..pipeline import format_summary
 
     spec = load_job(job, set_ or [])
-    summary = run_job_local(spec, str(output_dir) if output_dir else None, resume=resume)
+    try:
+        summary = run_job_ray(spec, str(output_dir) if output_dir else None, resume=resume, address=address)
+    finally:
+        shutdown_ray()
     typer.echo(format_summary(summary))
 
 

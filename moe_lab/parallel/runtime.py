@@ -28,26 +28,28 @@ class DistributedRuntime(Runtime):
         self.world_size = groups.world_size
         self.dp_rank = groups.rank
         self.dp_size = groups.world_size
-        self._model = model
+        # NCCL reduces only CUDA tensors; gloo takes CPU tensors
+        nccl = dist.get_backend() == "nccl"
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        out = t.detach().to(self.comm_device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
 
     def sync_gradients(self, model: nn.Module) -> None:
         ExpertParallelism.sync_gradients(model, self.groups)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: Optional[float]) -> torch.Tensor:
         """Global gradient norm: dense parameters counted once, sharded experts summed over EP."""
-        dense_sq = torch.zeros((), dtype=torch.float64)
-        expert_sq = torch.zeros((), dtype=torch.float64)
+        dense_sq = torch.zeros((), dtype=torch.float64, device=self.comm_device)
+        expert_sq = torch.zeros((), dtype=torch.float64, device=self.comm_device)
         params = []
         for name, p in model.named_parameters():
             if p.grad is None:
                 continue
             params.append(p)
-            sq = p.grad.detach().double().square().sum().cpu()
+            sq = p.grad.detach().double().square().sum().to(self.comm_device)
             if is_expert_param(name) and self.groups.ep_group is not None:
                 expert_sq += sq
             else:
@@ -70,20 +72,29 @@ class DistributedRuntime(Runtime):
     def full_optimizer_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-        tensors, meta = optimizer_state_by_name(model, optimizer)
         group = self.groups.ep_group
         if group is None:
-            return tensors, meta
-        out = {}
-        for key in sorted(tensors):
-            t = tensors[key]
-            name = key.split("::", 1)[0]
-            if is_expert_param(name) and t.dim() > 0:
-                parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-                dist.all_gather(parts, t.contiguous(), group=group)
-                t = torch.cat(parts, dim=0)
-            out[key] = t
-        return out, meta
+            return optimizer_state_by_name(model, optimizer)
+        # gather the expert shards' states on their device (NCCL needs CUDA tensors), then to CPU
+        gathered: Dict[int, Dict[str, torch.Tensor]] = {}
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            st = optimizer.state.get(p)
+            if not st or not is_expert_param(name):
+                continue
+            full = {}
+            for key in sorted(st):
+                t = st[key]
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
+                    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+                    dist.all_gather(parts, t.contiguous(), group=group)
+                    full[key] = torch.cat(parts, dim=0)
+            gathered[id(p)] = full
+        tensors, meta = optimizer_state_by_name(model, optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        for pid, full in gathered.items():
+            for key, t in full.items():
+                tensors[f"{names[pid]}::{key}"] = t.cpu()
+        return tensors, meta
 
     def expert_slices(self, model: nn.Module) -> Optional[Dict[str, slice]]:
         if self.groups.ep_group is None:

@@ -416,7 +416,8 @@ def load_pretrained_moe(model_name_or_path: str | os.PathLike, **overrides: Any)
 
     Args:
         model_name_or_path: a checkpoint directory (``config.json`` + ``model.safetensors``),
-            or a Hugging Face hub id when the hub is reachable.
+            a transformers Mixtral directory (see :mod:`moe_lab.interop.hf_mixtral`), or a
+            Hugging Face hub id when the hub is reachable.
         **overrides: MoEConfig fields to change on load (``dropout``, ``moe_backend``,
             ``capacity_factor``, ...). Changing shapes makes the load fail.
 
@@ -431,8 +432,14 @@ def load_pretrained_moe(model_name_or_path: str | os.PathLike, **overrides: Any)
         raise CheckpointError(f"{d} has no {CONFIG_NAME}; not a moe_lab checkpoint")
     raw = read_json(cfg_path)
     if "model_type" in raw:
+        if raw["model_type"] == "mixtral":
+            from ..interop.hf_mixtral import load_hf_mixtral
+
+            return load_hf_mixtral(d, **overrides)
         raise CheckpointError(
-            f"{d} is a transformers checkpoint (model_type {raw['model_type']!r}), not a moe_lab checkpoint"
+            f"{d} is a transformers checkpoint of model_type {raw['model_type']!r}; load_pretrained_moe reads "
+            "moe_lab checkpoints and transformers 'mixtral' directories (a dense 'llama'/'mistral' model can "
+            "become an MoE with moe_lab.upcycle or `moe-lab upcycle`)"
         )
     if not (d / WEIGHTS_NAME).exists():
         raise CheckpointError(f"{d} has no {WEIGHTS_NAME}; the checkpoint is incomplete")

@@ -26,15 +26,17 @@ routing health), TensorBoard events in ``tensorboard/``, checkpoints in
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 import torch
@@ -56,6 +58,9 @@ from .checkpoint import (
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+#: the final checkpoint (``output_dir/model``) carries the TrainingResult as JSON
+RESULT_FILE = "training_result.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,6 +191,76 @@ class _Batches:
         rows = self._order[micro * self.batch_size : (micro + 1) * self.batch_size]
         per_rank = self.batch_size // self.dp_size
         return rows[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+
+
+@runtime_checkable
+class BatchStream(Protocol):
+    """A streaming source of this rank's collated micro-batches (for example Ray Data).
+
+    ``iter_epoch(epoch)`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels``
+    ([local_batch, seq] tensors). Every rank must yield the same number of batches.
+    """
+
+    def iter_epoch(self, epoch: int) -> Iterator[Dict[str, torch.Tensor]]: ...
+
+
+class _MicroBatchSource(abc.ABC):
+    @abc.abstractmethod
+    def seek(self, epoch: int, micro: int) -> None:
+        """Position the source at micro-batch ``micro`` of ``epoch``."""
+
+    @abc.abstractmethod
+    def next(self) -> Tuple[Dict[str, Any], int, int]:
+        """The next micro-batch and the (epoch, micro) position *after* it."""
+
+
+class _MapSource(_MicroBatchSource):
+    def __init__(self, dataset: Any, batches: "_Batches", collate: Callable) -> None:
+        self.dataset, self.batches, self.collate = dataset, batches, collate
+        self.epoch = self.micro = 0
+
+    def seek(self, epoch: int, micro: int) -> None:
+        self.epoch, self.micro = epoch, micro
+
+    def next(self) -> Tuple[Dict[str, Any], int, int]:
+        if self.micro >= self.batches.per_epoch:
+            self.epoch, self.micro = self.epoch + 1, 0
+        rows = _fetch_rows(self.dataset, self.batches.indices(self.epoch, self.micro))
+        self.micro += 1
+        return self.collate(rows), self.epoch, self.micro
+
+
+class _StreamSource(_MicroBatchSource):
+    """Epochs of a BatchStream; resuming mid-epoch skips the micro-batches already used."""
+
+    def __init__(self, stream: BatchStream) -> None:
+        self.stream = stream
+        self.epoch = self.micro = 0
+        self._it: Optional[Iterator[Dict[str, torch.Tensor]]] = None
+
+    def seek(self, epoch: int, micro: int) -> None:
+        self.epoch, self.micro = epoch, 0
+        self._it = iter(self.stream.iter_epoch(epoch))
+        for _ in range(micro):
+            self._advance()
+
+    def _advance(self) -> Dict[str, torch.Tensor]:
+        for _attempt in range(2):
+            if self._it is None:
+                self._it = iter(self.stream.iter_epoch(self.epoch))
+            try:
+                batch = next(self._it)
+                self.micro += 1
+                return batch
+            except StopIteration:
+                if self.micro == 0:
+                    raise InputError("the training data stream yielded no batches") from None
+                self.epoch, self.micro, self._it = self.epoch + 1, 0, None
+        raise InputError("the training data stream yielded no batches")
+
+    def next(self) -> Tuple[Dict[str, Any], int, int]:
+        batch = self._advance()
+        return batch, self.epoch, self.micro
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,9 +412,13 @@ class MoETrainer:
         )
 
     def _forward_loss(
-        self, batch: Dict[str, torch.Tensor], labels_total: float, real_total: float
+        self, batch: Dict[str, torch.Tensor], labels_total: float, aux_weight: float
     ) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
-        """This rank's share of the step loss for one micro-batch: ``(loss, routing_info, ce_sum)``."""
+        """This rank's share of the step loss for one micro-batch: ``(loss, routing_info, ce_sum)``.
+
+        ``aux_weight``: the micro-batch's share of the step's real tokens (over all ranks). The
+        model's aux loss is already this rank's share of the micro-batch's global aux loss.
+        """
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
@@ -348,8 +427,7 @@ class MoETrainer:
         ce_sum = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        real_mb = float(mask.sum())
-        loss = ce_sum / max(labels_total, 1.0) + info["aux_loss"] * (real_mb / max(real_total, 1.0))
+        loss = ce_sum / max(labels_total, 1.0) + info["aux_loss"] * aux_weight
         return loss, info, ce_sum.detach()
 
     # ---- one optimiser step -----------------------------------------------------------
@@ -364,7 +442,8 @@ class MoETrainer:
         layer_stats = None
         self.model.train()
         for mb_idx, batch in enumerate(micro_batches):
-            loss, info, ce_sum = self._forward_loss(batch, labels_total, real_total)
+            w_mb = float(global_counts[mb_idx, 1]) / max(real_total, 1.0)
+            loss, info, ce_sum = self._forward_loss(batch, labels_total, w_mb)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
@@ -373,7 +452,6 @@ class MoETrainer:
             ce_sum_total += float(ce_sum)
             # per-layer health as this rank's share of the step value (summing over ranks gives it):
             # lb/z are already global shares of their micro-batch; dropped is a local fraction
-            w_mb = float(global_counts[mb_idx, 1]) / max(real_total, 1.0)
             w_local = float(counts[mb_idx, 1]) / max(real_total, 1.0)
             stats = torch.stack(
                 [info["load_balancing_loss"].detach().float().cpu() * w_mb,
@@ -456,17 +534,24 @@ class MoETrainer:
             raise DistributedError(
                 f"batch_size ({args.batch_size}) must be divisible by the number of data-parallel ranks ({rt.dp_size})"
             )
-        train_ds = self.as_token_dataset(train_dataset, "train_dataset")
         eval_ds = self.as_token_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
-        batches = _Batches(train_ds, args.batch_size, args.seed, rt.dp_rank, rt.dp_size, shuffle=True)
         accum = args.gradient_accumulation_steps
-        steps_per_epoch = batches.per_epoch // accum
-        if steps_per_epoch == 0:
-            raise InputError(
-                f"one optimiser step needs batch_size*gradient_accumulation_steps = {args.batch_size * accum} rows; "
-                f"the training set has {batches.num_rows}"
-            )
-        total_steps = args.max_steps or steps_per_epoch * args.num_epochs
+        if isinstance(train_dataset, BatchStream):
+            if args.max_steps is None:
+                raise ConfigError("streaming training data has no known length: set max_steps (training.max_steps)")
+            source: "_MicroBatchSource" = _StreamSource(train_dataset)
+            total_steps = args.max_steps
+        else:
+            train_ds = self.as_token_dataset(train_dataset, "train_dataset")
+            batches = _Batches(train_ds, args.batch_size, args.seed, rt.dp_rank, rt.dp_size, shuffle=True)
+            steps_per_epoch = batches.per_epoch // accum
+            if steps_per_epoch == 0:
+                raise InputError(
+                    f"one optimiser step needs batch_size*gradient_accumulation_steps = {args.batch_size * accum} rows; "
+                    f"the training set has {batches.num_rows}"
+                )
+            source = _MapSource(train_ds, batches, self._collate)
+            total_steps = args.max_steps or steps_per_epoch * args.num_epochs
         out = Path(args.output_dir).expanduser().resolve()
         ckpt_dir = out / "checkpoints"
         if rt.is_main:
@@ -492,23 +577,22 @@ class MoETrainer:
         window = _Window()
         start = time.perf_counter()
         tokens_seen = 0
-        last_ckpt: Optional[Path] = None
         eval_loss: Optional[float] = None
         eval_ppl: Optional[float] = None
         last_train_loss = float("nan")
+        source.seek(epoch, micro)
         try:
             while self.global_step < total_steps:
+                t_fetch = time.perf_counter()
                 micro_batches = []
                 for _ in range(accum):
-                    if micro >= batches.per_epoch:
-                        epoch, micro = epoch + 1, 0
-                    micro_batches.append(self._collate(_fetch_rows(train_ds, batches.indices(epoch, micro))))
-                    micro += 1
+                    batch, epoch, micro = source.next()
+                    micro_batches.append(batch)
                 t0 = time.perf_counter()
                 stats = self._train_step(micro_batches)
                 self.global_step += 1
                 tokens_seen += int(stats["real_total"])
-                window.add(stats, time.perf_counter() - t0)
+                window.add(stats, time.perf_counter() - t0, data_seconds=t0 - t_fetch)
                 self._accumulate_routing(stats["layer_stats"][1] if stats["layer_stats"] else None)
                 if self.global_step % args.logging_steps == 0 or self.global_step == total_steps:
                     record = self._log(window, epoch, metrics_path, writer, history)
@@ -516,6 +600,10 @@ class MoETrainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                         tok_s=f"{record['tokens_per_s']:,.0f}")
+                    elif args.progress_bar and rt.is_main:
+                        sys.stdout.write(f"step {self.global_step}/{total_steps}  loss {record['loss']:.4f}  "
+                                         f"lr {record['lr']:.2e}  tokens/s {record['tokens_per_s']:,.0f}\n")
+                        sys.stdout.flush()
                     window = _Window()
                 if bar is not None:
                     bar.update(1)
@@ -524,29 +612,30 @@ class MoETrainer:
                     eval_loss, eval_ppl = ev.loss, ev.perplexity
                     self._log_eval(ev, metrics_path, writer, history)
                 if self.global_step % args.save_steps == 0 and self.global_step < total_steps:
-                    last_ckpt = self.save_checkpoint(ckpt_dir / f"step-{self.global_step:06d}", epoch, micro)
+                    self.save_checkpoint(ckpt_dir / f"step-{self.global_step:06d}", epoch, micro)
                     if rt.is_main:
                         prune_checkpoints(ckpt_dir, args.save_total_limit)
-            final = self.save_checkpoint(out / "model", epoch, micro)
-            last_ckpt = final
+            elapsed = time.perf_counter() - start
+            result = TrainingResult(
+                global_step=self.global_step,
+                train_loss=last_train_loss,
+                eval_loss=eval_loss,
+                history=history,
+                checkpoint_path=str(out / "model"),
+                tokens_per_second=tokens_seen / max(elapsed, 1e-9),
+                total_tokens=tokens_seen,
+                elapsed_seconds=elapsed,
+                output_dir=str(out),
+                eval_perplexity=eval_ppl,
+            )
+            self.save_checkpoint(out / "model", epoch, micro, metrics={"final": True},
+                                 extra_files={RESULT_FILE: result.to_dict()})
         finally:
             if bar is not None:
                 bar.close()
             if writer is not None:
                 writer.close()
-        elapsed = time.perf_counter() - start
-        return TrainingResult(
-            global_step=self.global_step,
-            train_loss=last_train_loss,
-            eval_loss=eval_loss,
-            history=history,
-            checkpoint_path=str(last_ckpt) if last_ckpt else None,
-            tokens_per_second=tokens_seen / max(elapsed, 1e-9),
-            total_tokens=tokens_seen,
-            elapsed_seconds=elapsed,
-            output_dir=str(out),
-            eval_perplexity=eval_ppl,
-        )
+        return result
 
     # ---- logging ----------------------------------------------------------------------
     def _tensorboard(self, out: Path):
@@ -560,8 +649,8 @@ class MoETrainer:
         return SummaryWriter(log_dir=str(out / "tensorboard"))
 
     def _progress(self, total: int):
-        if not self.args.progress_bar:
-            return None
+        if not self.args.progress_bar or not sys.stderr.isatty():
+            return None  # not a terminal (Ray workers, CI logs): one line per logging step instead
         from tqdm.auto import tqdm
 
         return tqdm(total=total, initial=self.global_step, desc="train", dynamic_ncols=True, leave=True)
@@ -588,7 +677,8 @@ class MoETrainer:
             "lm_loss": float(vec[1]) / max(window.labels, 1.0),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "grad_norm": window.grad_norm / n,
-            "tokens_per_s": window.real / max(window.seconds, 1e-9),
+            "tokens_per_s": window.real / max(window.seconds + window.data_seconds, 1e-9),
+            "data_wait_fraction": window.data_seconds / max(window.seconds + window.data_seconds, 1e-9),
             "tokens": window.real,
             "time": time.time(),
         }
@@ -622,9 +712,15 @@ class MoETrainer:
                     for k in ("load_balancing_loss", "router_z_loss", "dropped_fraction", "load_imbalance_max_mean", "load_cv"):
                         writer.add_scalar(f"moe/layer{lay['layer']}/{k}", lay[k], self.global_step)
                 mon = record.get("monitor")
-                if mon:
+                if mon:  # ExpertMonitor stats (keys: moe_lab.analytics.monitor)
+                    for k in ("mean_load_imbalance", "max_load_imbalance", "num_dead_experts", "num_tokens"):
+                        if isinstance(mon.get(k), (int, float)):
+                            writer.add_scalar(f"monitor/{k}", mon[k], self.global_step)
                     for lay in mon.get("layers", []):
                         writer.add_scalar(f"monitor/layer{lay['layer']}/dead_experts", len(lay.get("dead_experts", [])), self.global_step)
+                        for k in ("load_imbalance", "load_cv", "dropped_fraction"):
+                            if isinstance(lay.get(k), (int, float)):
+                                writer.add_scalar(f"monitor/layer{lay['layer']}/{k}", lay[k], self.global_step)
         for k in ("step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"):
             history.setdefault(k, []).append(record[k])
         if "moe_layers" in record:
@@ -739,8 +835,18 @@ class MoETrainer:
             "global_step": self.global_step,
         }
 
-    def save_checkpoint(self, path: str | os.PathLike, epoch: int = 0, micro: int = 0) -> Path:
-        """Save model, optimiser, schedule and trainer state (a collective: all ranks call it)."""
+    def save_checkpoint(
+        self,
+        path: str | os.PathLike,
+        epoch: int = 0,
+        micro: int = 0,
+        metrics: Optional[Dict[str, Any]] = None,
+        extra_files: Optional[Dict[str, Any]] = None,
+    ) -> Path:
+        """Save model, optimiser, schedule and trainer state (a collective: all ranks call it).
+
+        ``metrics`` travel with the checkpoint report to the launcher (Ray Train);
+        ``extra_files`` are JSON files written into the checkpoint."""
         rt = self.runtime
         model_state = rt.full_state_dict(self.model)
         opt_t = opt_m = None
@@ -758,9 +864,10 @@ class MoETrainer:
                 self._trainer_state(epoch, micro),
                 self._routing_stats(),
                 tokenizer=self.tokenizer,
+                extra_files=extra_files,
             )
         rt.barrier()
-        rt.report({"step": self.global_step}, str(path))
+        rt.report({"step": self.global_step, **(metrics or {})}, str(path))
         return path
 
     def save_model(self, path: str | os.PathLike, save_optimizer: bool = True) -> Path:
@@ -822,11 +929,13 @@ class _Window:
         self.real = 0.0
         self.grad_norm = 0.0
         self.seconds = 0.0
+        self.data_seconds = 0.0
         self.layer_stats: Optional[torch.Tensor] = None
         self.counts: Optional[torch.Tensor] = None
 
-    def add(self, stats: Dict[str, Any], seconds: float) -> None:
+    def add(self, stats: Dict[str, Any], seconds: float, data_seconds: float = 0.0) -> None:
         self.steps += 1
+        self.data_seconds += data_seconds
         self.loss_share += float(stats["loss_share"])
         self.ce_sum += float(stats["ce_sum"])
         self.labels += stats["labels_total"]

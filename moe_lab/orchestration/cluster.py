@@ -1,0 +1,88 @@
+"""Starting or joining a Ray cluster, sized for small machines.
+
+    init_ray()                       # an embedded local cluster: dashboard on 127.0.0.1,
+                                     # usage stats off, quiet logs, object store sized for RAM
+    init_ray(address="auto")         # join a running cluster (or ray://host:10001)
+
+Local clusters declare at least 4 logical CPUs so that Ray Train workers at fractional CPUs
+and Ray Data tasks can run side by side on a 2-core laptop without starving each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional
+
+from ..errors import DistributedError
+
+logger = logging.getLogger(__name__)
+
+#: logical CPUs a local cluster declares at least (Ray Data needs room next to the workers)
+MIN_LOCAL_CPUS = 4
+
+
+def local_cpu_count() -> int:
+    return max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+
+
+def quiet_ray_environment() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def init_ray(
+    address: Optional[str] = None,
+    num_cpus: Optional[int] = None,
+    num_gpus: Optional[int] = None,
+    object_store_memory: Optional[int] = None,
+    log_to_driver: bool = True,
+    runtime_env: Optional[Dict[str, Any]] = None,
+) -> Any:
+    """Connect to ``address`` or start an embedded local cluster; a no-op if Ray is up.
+
+    Returns the ``ray`` module.
+    """
+    quiet_ray_environment()
+    import ray
+    from ray.data import DataContext
+
+    if ray.is_initialized():
+        return ray
+    kwargs: Dict[str, Any] = dict(log_to_driver=log_to_driver, logging_level=logging.WARNING)
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside Ray Jobs: join that cluster
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise DistributedError(f"could not connect to the Ray cluster at {address!r}: {exc}") from None
+    else:
+        if object_store_memory is None:
+            try:
+                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                object_store_memory = int(min(2 * 1024**3, max(256 * 1024**2, total * 0.1)))
+            except (ValueError, OSError):
+                object_store_memory = 512 * 1024**2
+        ray.init(
+            "local",
+            num_cpus=num_cpus or local_cpu_count(),
+            num_gpus=num_gpus,
+            object_store_memory=object_store_memory,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            **kwargs,
+        )
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    return ray
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
