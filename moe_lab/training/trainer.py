@@ -509,8 +509,8 @@ class MoETrainer:
 
         Keyword args: ``max_steps`` (stop early), ``resume_from`` (a checkpoint directory, or
         "latest" for the newest under ``output_dir``), ``logging_steps``, ``save_total_limit``,
-        ``eval_samples``, ``max_length`` (raw text), ``callbacks`` (called with each logged
-        metrics dict), ``seed``.
+        ``eval_samples``, ``max_length`` (raw text), ``callbacks`` (called on every rank with
+        each logged record: train records carry ``loss``, eval records ``eval_loss``), ``seed``.
         """
         unknown = sorted(set(kwargs) - _TRAIN_KWARGS)
         if unknown:
@@ -734,10 +734,21 @@ class MoETrainer:
         history.setdefault("eval_step", []).append(self.global_step)
         history.setdefault("eval_loss", []).append(ev.loss)
         history.setdefault("eval_perplexity", []).append(ev.perplexity)
+        dead = [sum(1 for c in row if c == 0) for row in ev.expert_counts]
+        record = {
+            "step": self.global_step,
+            "eval_loss": ev.loss,
+            "eval_perplexity": ev.perplexity,
+            "eval_load_imbalance": ev.load_imbalance,
+            "eval_dropped_fraction": ev.dropped_fraction,
+            "eval_dead_experts": dead,  # per MoE layer: experts that got no eval token
+            "eval_dead_expert_fraction": max(dead) / len(ev.expert_counts[0]) if dead else 0.0,
+        }
+        for cb in self.step_callbacks:  # callbacks see eval records too (they have "eval_loss")
+            cb(dict(record))
         if self.runtime.is_main:
             with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": self.global_step, "eval_loss": ev.loss, "eval_perplexity": ev.perplexity,
-                                    "eval_load_imbalance": ev.load_imbalance, "eval_dropped_fraction": ev.dropped_fraction}) + "\n")
+                f.write(json.dumps(record) + "\n")
             if writer is not None:
                 writer.add_scalar("eval/loss", ev.loss, self.global_step)
                 writer.add_scalar("eval/perplexity", ev.perplexity, self.global_step)
