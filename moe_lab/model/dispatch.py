@@ -20,6 +20,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from .routers import count_assignments
+
 
 @dataclass(frozen=True)
 class DispatchMetadata:
@@ -30,14 +32,20 @@ class DispatchMetadata:
     tokens_per_expert: torch.Tensor  #: [E] rows per expert (global experts, before any all-to-all)
     num_tokens: int  #: T
     extra: Optional[Any] = None  #: dispatcher-specific state (the all-to-all splits)
+    #: when every token fills all K slots (no padding, no dropping): the permutation that
+    #: sorted the [T*K] slots, and the [T, K] weights; combine then gathers and reduces over
+    #: K with one batched matmul instead of a scatter-add
+    order: Optional[torch.Tensor] = None
+    weights_TK: Optional[torch.Tensor] = None
 
 
 def sort_by_expert(
     expert_indices_TK: torch.Tensor, combine_weights_TK: torch.Tensor, num_experts: int, all_valid: bool
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten the slots, drop the empty ones and sort by expert (stable: token order kept).
 
-    Returns ``(token_indices_N, weights_N, tokens_per_expert_E)``.
+    Returns ``(token_indices_N, weights_N, tokens_per_expert_E, order_N)``; ``order`` indexes
+    the kept flat slots.
     """
     num_tokens, k = expert_indices_TK.shape
     flat_e = expert_indices_TK.reshape(-1)  # [T*K]
@@ -47,8 +55,8 @@ def sort_by_expert(
         keep = (flat_e >= 0).nonzero().squeeze(-1)
         flat_e, flat_w, flat_t = flat_e[keep], flat_w[keep], flat_t[keep]
     order = torch.argsort(flat_e, stable=True)
-    tokens_per_expert = torch.bincount(flat_e, minlength=num_experts)
-    return flat_t[order], flat_w[order], tokens_per_expert
+    tokens_per_expert = count_assignments(flat_e, num_experts)
+    return flat_t[order], flat_w[order], tokens_per_expert, order
 
 
 def weighted_combine(
@@ -58,6 +66,22 @@ def weighted_combine(
     contrib = y_ND.float() * weights_N.unsqueeze(-1)  # [N, D]
     out = contrib.new_zeros(num_tokens, y_ND.shape[-1])
     return out.index_add_(0, token_indices_N, contrib).to(y_ND.dtype)
+
+
+def combine_rows(y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
+    """Undo the sort and reduce each token's K rows with its weights: [T, D].
+
+    With every slot filled (``meta.order`` set) this is a gather and one batched matmul
+    ``[T, 1, K] @ [T, K, D]`` (fp32 accumulation, no atomics); otherwise a weighted
+    scatter-add.
+    """
+    if meta.order is None:
+        return weighted_combine(y_ND, meta.token_indices, meta.weights, meta.num_tokens)
+    t, k = meta.weights_TK.shape
+    inverse = torch.empty_like(meta.order)
+    inverse[meta.order] = torch.arange(meta.order.numel(), device=meta.order.device)
+    y_TKD = y_ND[inverse].view(t, k, y_ND.shape[-1])  # back to token-major slot order
+    return torch.bmm(meta.weights_TK.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
 
 class LocalDispatcher:
@@ -75,12 +99,15 @@ class LocalDispatcher:
         all_valid: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, DispatchMetadata]:
         """Returns ``(x_ND sorted by expert, tokens_per_expert_E, metadata)``."""
-        token_idx_N, weights_N, tokens_per_expert_E = sort_by_expert(
+        token_idx_N, weights_N, tokens_per_expert_E, order = sort_by_expert(
             expert_indices_TK, combine_weights_TK, self.num_experts, all_valid
         )
-        meta = DispatchMetadata(token_idx_N, weights_N, tokens_per_expert_E, x_TD.shape[0])
+        meta = DispatchMetadata(
+            token_idx_N, weights_N, tokens_per_expert_E, x_TD.shape[0],
+            order=order if all_valid else None, weights_TK=combine_weights_TK if all_valid else None,
+        )
         return x_TD[token_idx_N], tokens_per_expert_E, meta
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
         """Weighted sum of each token's expert outputs: [T, D]."""
-        return weighted_combine(y_ND, meta.token_indices, meta.weights, meta.num_tokens)
+        return combine_rows(y_ND, meta)

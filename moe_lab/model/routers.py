@@ -78,10 +78,15 @@ def router_z_loss(
 
 
 def count_assignments(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Number of non-empty slots per expert: int64 [E] (slots holding -1 are skipped)."""
+    """Number of non-empty slots per expert: int64 [E] (slots holding -1 are skipped).
+
+    A scatter-add rather than ``bincount``: no device-to-host sync, so it can run inside CUDA
+    graphs and compiled regions.
+    """
     flat = expert_indices.reshape(-1)
     flat = torch.where(flat >= 0, flat, num_experts)
-    return torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
 
 def _all_reduce_sum(t: torch.Tensor, group: Optional[Any]) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import DistributedError
-from ..model.dispatch import DispatchMetadata, sort_by_expert, weighted_combine
+from ..model.dispatch import DispatchMetadata, combine_rows, sort_by_expert
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class AllToAllDispatcher:
         combine_weights_TK: torch.Tensor,
         all_valid: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, DispatchMetadata]:
-        token_idx_N, weights_N, tokens_per_expert_E = sort_by_expert(
+        token_idx_N, weights_N, tokens_per_expert_E, order = sort_by_expert(
             expert_indices_TK, combine_weights_TK, self.num_experts, all_valid
         )
         p, l = self.ep_size, self.num_local_experts
@@ -147,7 +147,8 @@ class AllToAllDispatcher:
         )  # [M]
         local_perm = torch.argsort(local_expert_of_row, stable=True)
         meta = DispatchMetadata(
-            token_idx_N, weights_N, tokens_per_expert_E, x_TD.shape[0], _A2AState(in_splits, out_splits, local_perm)
+            token_idx_N, weights_N, tokens_per_expert_E, x_TD.shape[0], _A2AState(in_splits, out_splits, local_perm),
+            order=order if all_valid else None, weights_TK=combine_weights_TK if all_valid else None,
         )
         return x_recv[local_perm], recv_PL.sum(0), meta
 
@@ -155,7 +156,7 @@ class AllToAllDispatcher:
         state: _A2AState = meta.extra
         y_recv = y_MD[torch.argsort(state.local_perm)]  # back to (src, expert) order
         y_N = all_to_all(y_recv, state.in_splits, state.out_splits, self.group)
-        return weighted_combine(y_N, meta.token_indices, meta.weights, meta.num_tokens)
+        return combine_rows(y_N, meta)
 
 
 def _is_process_group(group: Any) -> bool:

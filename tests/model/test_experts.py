@@ -97,3 +97,20 @@ def test_expert_bad_arguments(cls, kwargs, match):
 def test_grouped_experts_bad_backend():
     with pytest.raises(ExpertError, match="unknown expert backend 'fast'"):
         GroupedExperts(2, 8, 8, backend="fast")
+
+
+def test_fast_combine_equals_scatter_combine_forward_and_backward():
+    disp = LocalDispatcher(4)
+    x = torch.randn(6, 5)
+    idx = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1], [0, 1], [2, 3]])
+    w = torch.rand(6, 2)
+    outs = []
+    for all_valid in (False, True):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        x_sorted, counts, meta = disp.dispatch(xx, idx, ww, all_valid=all_valid)
+        assert (meta.order is not None) == all_valid
+        y = disp.combine(x_sorted * 2.0, meta)
+        (y * torch.arange(30.0).view(6, 5)).sum().backward()
+        outs.append((y.detach(), xx.grad, ww.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
