@@ -166,7 +166,9 @@ def grouped_matmul(x_ND: torch.Tensor, w_EOK: torch.Tensor, tokens_per_expert: t
         dtype = torch.get_autocast_dtype(x_ND.device.type)
     x_ND = x_ND.to(dtype)
     w_EKO = w_EOK.to(dtype).transpose(-2, -1)
-    if grouped_mm_supported(x_ND.device, dtype, w_EOK.shape[-1], w_EOK.shape[-2]):
+    # torch.compile's fake-tensor rule for grouped_mm accepts bf16 only (eager CPU also takes fp32)
+    compiling = torch.compiler.is_compiling() and dtype != torch.bfloat16
+    if not compiling and grouped_mm_supported(x_ND.device, dtype, w_EOK.shape[-1], w_EOK.shape[-2]):
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         return F.grouped_mm(x_ND.contiguous(), w_EKO, offs=offs)
     return _padded_bmm(x_ND, w_EKO, tokens_per_expert)

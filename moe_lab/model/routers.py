@@ -231,6 +231,17 @@ class TopKRouter(Router):
         self.capacity_factor = capacity_factor
         self.drop_tokens = drop_tokens
 
+    def route(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Inference routing without statistics, jitter or capacity: ``(weights_TK, experts_TK)``.
+
+        Equal to ``forward(x, training=False)`` when there is no capacity limit; it has no
+        host synchronisation, so decoding can capture it in a CUDA graph.
+        """
+        top_p_TK, top_i_TK = self.compute_logits(x_TD, training=False).softmax(dim=-1).topk(self.top_k, dim=-1)
+        if self.normalize_weights:
+            top_p_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True)
+        return top_p_TK, top_i_TK
+
     def forward(
         self, hidden_states: torch.Tensor, training: bool = True, token_mask: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, RouterInfo]:

@@ -55,6 +55,7 @@ from .checkpoint import (
     write_checkpoint,
     _scheduler_state_json,
 )
+from .fast_paths import apply_fast_paths, lm_loss_sum
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -330,6 +331,7 @@ class MoETrainer:
         self._user_optimizer = optimizer is not None
         self._user_scheduler = scheduler is not None
         self.amp_dtype, self.scaler = self._mixed_precision_setup(self.args.mixed_precision)
+        self.loss_sum_fn = apply_fast_paths(self.model, self.device) if self.args.fast_paths else lm_loss_sum
         self.global_step = 0
         self.routing_totals: Optional[torch.Tensor] = None  # [L, E] cumulative expert counts
 
@@ -424,22 +426,22 @@ class MoETrainer:
         labels = batch["labels"].to(self.device, non_blocking=True)
         with self._autocast():
             logits, info = self.model(ids, attention_mask=mask, return_routing_info=True)
-        ce_sum = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        ce_sum = self.loss_sum_fn(logits, labels)
         loss = ce_sum / max(labels_total, 1.0) + info["aux_loss"] * aux_weight
         return loss, info, ce_sum.detach()
 
     # ---- one optimiser step -----------------------------------------------------------
     def _train_step(self, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
-        """Forward/backward over the micro-batches, sync, clip, step. Returns step statistics."""
-        counts = torch.stack([self._counts(b) for b in micro_batches])  # [A, 2]
+        """Forward/backward over the micro-batches, sync, clip, step. Returns step statistics.
+
+        Statistics stay on the device during the step and come back to the host once, at the
+        end, so the GPU is never waiting for Python between micro-batches.
+        """
+        counts = torch.stack([self._counts(b) for b in micro_batches])  # [A, 2]: labels, real tokens
         global_counts = self.runtime.all_reduce_sum(counts)  # [A, 2] summed over ranks
         labels_total = float(global_counts[:, 0].sum())
         real_total = float(global_counts[:, 1].sum())
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        ce_sum_total = torch.zeros((), dtype=torch.float64)
-        layer_stats = None
+        losses, ce_sums, layer_stats, expert_counts = [], [], [], []
         self.model.train()
         for mb_idx, batch in enumerate(micro_batches):
             w_mb = float(global_counts[mb_idx, 1]) / max(real_total, 1.0)
@@ -448,18 +450,17 @@ class MoETrainer:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
-            loss_sum += float(loss.detach())
-            ce_sum_total += float(ce_sum)
+            losses.append(loss.detach().float())
+            ce_sums.append(ce_sum.float())
             # per-layer health as this rank's share of the step value (summing over ranks gives it):
             # lb/z are already global shares of their micro-batch; dropped is a local fraction
             w_local = float(counts[mb_idx, 1]) / max(real_total, 1.0)
-            stats = torch.stack(
-                [info["load_balancing_loss"].detach().float().cpu() * w_mb,
-                 info["router_z_loss"].detach().float().cpu() * w_mb,
-                 info["dropped_fraction"].detach().float().cpu() * w_local]
-            )  # [3, L]
-            counts_LE = info["expert_counts"].detach().cpu()
-            layer_stats = (stats, counts_LE) if layer_stats is None else (layer_stats[0] + stats, layer_stats[1] + counts_LE)
+            layer_stats.append(torch.stack([
+                info["load_balancing_loss"].detach().float() * w_mb,
+                info["router_z_loss"].detach().float() * w_mb,
+                info["dropped_fraction"].detach().float() * w_local,
+            ]))  # [3, L]
+            expert_counts.append(info["expert_counts"].detach())  # [L, E]
         self.runtime.sync_gradients(self.model)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -472,13 +473,19 @@ class MoETrainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # one device-to-host copy for all the step's statistics
+        scalars = torch.stack([torch.stack(losses).sum(), torch.stack(ce_sums).sum(), grad_norm.float().to(losses[0].device)])
+        scalars = scalars.double().cpu()
+        stats = None
+        if expert_counts and expert_counts[0].numel():
+            stats = (torch.stack(layer_stats).sum(0).cpu(), torch.stack(expert_counts).sum(0).cpu())
         return {
-            "loss_share": loss_sum,
-            "ce_sum": ce_sum_total,
+            "loss_share": float(scalars[0]),
+            "ce_sum": float(scalars[1]),
             "labels_total": labels_total,
             "real_total": real_total,
-            "grad_norm": float(grad_norm),
-            "layer_stats": layer_stats,
+            "grad_norm": float(scalars[2]),
+            "layer_stats": stats,
         }
 
     # ---- training ---------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""End-to-end training throughput: moe_lab's trainer step vs transformers Mixtral, one process.
+
+    python benchmarks/train_step.py --tiny          # smoke test on CPU (make test runs it)
+    python benchmarks/train_step.py                 # GPU: the API reference's default size
+
+Default size: vocab 50257, hidden 768, 12 layers, 12 heads, 8 experts top-2, ffn 3072,
+batch 8 x 1024 tokens, bf16 autocast, fused AdamW, grad clipping. Candidates:
+- transformers ``MixtralForCausalLM`` with the ``grouped_mm`` and ``eager`` experts backends;
+- moe_lab ``MoETrainer._train_step`` (the exact step ``moe-lab train`` runs) with the fast
+  paths (compiled decoder layers) and without them.
+Each reports tokens/s, peak memory, and MFU against the card's dense bf16 peak (989 TFLOP/s
+for H100 SXM) with two FLOP counts:
+- torchtitan: ``6 * (active params - token embedding) + 12 * layers * heads * head_dim * seq``;
+- Megatron-style: ``3 * [sum over layers of 2*(2h^2 + 2h*h_kv) + 4*s*h + 6*h*F*k + 2*h*E] + 3*2*h*V``
+  (full, not causal, attention as Megatron counts it).
+Before timing, moe_lab's compiled step is checked against its eager step (same loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from moe_lab.config import MoEConfig
+from moe_lab.model import MoEModel
+from moe_lab.training.trainer import MoETrainer
+
+H100_BF16_PEAK = 989e12
+
+
+def flops_per_token(cfg: MoEConfig, seq: int) -> Dict[str, float]:
+    h, l, v = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
+    f, k, e = cfg.intermediate_size, cfg.experts_per_token, cfg.num_experts
+    h_kv = cfg.kv_heads * cfg.head_dim
+    attn_params = 2 * h * h + 2 * h * h_kv
+    active_params_no_embed = l * (attn_params + 3 * h * f * k + h * e + 2 * h) + h + h * v
+    titan = 6 * active_params_no_embed + 12 * l * cfg.num_attention_heads * cfg.head_dim * seq
+    megatron = 3 * (l * (2 * attn_params + 4 * seq * h + 6 * h * f * k + 2 * h * e) + 2 * h * v)
+    return {"torchtitan": float(titan), "megatron": float(megatron)}
+
+
+def make_batch(b: int, s: int, vocab: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.clone().to(device)}
+
+
+def bench_moe_lab(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.device, fast: bool,
+                  steps: int, warmup: int) -> Dict[str, Any]:
+    torch.manual_seed(0)
+    model = MoEModel.from_config(cfg)
+    trainer = MoETrainer(model, device=str(device), mixed_precision=True, fast_paths=fast, progress_bar=False,
+                         tensorboard=False, seed=0)
+    trainer._build_optim(3e-4, 10, 1000)
+    for _ in range(warmup):
+        trainer._train_step([batch])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    losses = [trainer._train_step([batch])["loss_share"] for _ in range(steps)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"seconds": dt, "peak_gib": peak, "loss": losses[-1]}
+
+
+def bench_hf(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.device, impl: str,
+             steps: int, warmup: int) -> Dict[str, Any]:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    hcfg = MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+        num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+        sliding_window=None, attn_implementation="sdpa",
+    )
+    hcfg._experts_implementation = impl
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(hcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        last = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"seconds": dt, "peak_gib": peak, "loss": float(last)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-eager", action="store_true", help="skip moe_lab without fast paths")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.tiny:
+        cfg = MoEConfig(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_experts=4,
+                        experts_per_token=2, expert_hidden_size=128, max_position_embeddings=64, dropout=0.0)
+        b, s, steps, warmup = 2, 32, 2, 1
+    else:
+        cfg = MoEConfig(vocab_size=50257, hidden_size=768, num_layers=12, num_attention_heads=12, num_experts=8,
+                        experts_per_token=2, expert_hidden_size=3072, max_position_embeddings=args.seq, dropout=0.0)
+        b, s, steps, warmup = args.batch, args.seq, args.steps, args.warmup
+    batch = make_batch(b, s, cfg.vocab_size, device)
+    fpt = flops_per_token(cfg, s)
+    rows: List[Dict[str, Any]] = []
+    if not args.skip_hf:
+        for impl in ("grouped_mm", "eager"):
+            rows.append({"name": f"transformers Mixtral ({impl})", **bench_hf(cfg, batch, device, impl, steps, warmup)})
+    if not args.skip_eager:
+        rows.append({"name": "moe_lab trainer (eager)", **bench_moe_lab(cfg, batch, device, False, steps, warmup)})
+    rows.append({"name": "moe_lab trainer (fast paths)", **bench_moe_lab(cfg, batch, device, True, steps, warmup)})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"Training step on {name}, torch {torch.__version__}, batch {b} x {s}, "
+          f"flops/token torchtitan {fpt['torchtitan'] / 1e9:.2f} G, megatron {fpt['megatron'] / 1e9:.2f} G")
+    base = rows[0]["seconds"]
+    print(f"{'implementation':<34}{'tokens/s':>12}{'vs first':>10}{'MFU titan':>11}{'MFU megatron':>14}{'peak GiB':>10}{'loss':>9}")
+    for r in rows:
+        tps = b * s / r["seconds"]
+        print(f"{r['name']:<34}{tps:>12,.0f}{base / r['seconds']:>9.2f}x{100 * tps * fpt['torchtitan'] / H100_BF16_PEAK:>10.1f}%"
+              f"{100 * tps * fpt['megatron'] / H100_BF16_PEAK:>13.1f}%{r['peak_gib']:>10.1f}{r['loss']:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
