@@ -71,9 +71,9 @@ def weighted_combine(
 def combine_rows(y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
     """Undo the sort and reduce each token's K rows with its weights: [T, D].
 
-    With every slot filled (``meta.order`` set) this is a gather and one batched matmul
-    ``[T, 1, K] @ [T, K, D]`` (fp32 accumulation, no atomics); otherwise a weighted
-    scatter-add.
+    With every slot filled (``meta.order`` set) this is a gather and a weighted sum over K
+    (no atomics; under torch.compile one fused pass; a batched ``[T,1,K] @ [T,K,D]`` matmul
+    ran as a poorly shaped GEMM in an H100 profile); otherwise a weighted scatter-add in fp32.
     """
     if meta.order is None:
         return weighted_combine(y_ND, meta.token_indices, meta.weights, meta.num_tokens)
@@ -81,7 +81,7 @@ def combine_rows(y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
     inverse = torch.empty_like(meta.order)
     inverse[meta.order] = torch.arange(meta.order.numel(), device=meta.order.device)
     y_TKD = y_ND[inverse].view(t, k, y_ND.shape[-1])  # back to token-major slot order
-    return torch.bmm(meta.weights_TK.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1)
+    return (y_TKD * meta.weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(dim=1)  # [T, D]
 
 
 class LocalDispatcher:
