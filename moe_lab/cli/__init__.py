@@ -92,3 +92,4 @@ def main() -> None:
 from . import _train  # noqa: E402,F401
 from . import _distributed  # noqa: E402,F401
 from . import _interop  # noqa: E402,F401
+from . import _sweep  # noqa: E402,F401

@@ -40,9 +40,11 @@ def init_ray(
     object_store_memory: Optional[int] = None,
     log_to_driver: bool = True,
     runtime_env: Optional[Dict[str, Any]] = None,
+    dashboard_port: Optional[int] = None,
 ) -> Any:
     """Connect to ``address`` or start an embedded local cluster; a no-op if Ray is up.
 
+    ``dashboard_port``: for a local cluster (default: Ray's 8265, or the next free port).
     Returns the ``ray`` module.
     """
     quiet_ray_environment()
@@ -74,6 +76,7 @@ def init_ray(
             object_store_memory=object_store_memory,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            **({"dashboard_port": dashboard_port} if dashboard_port else {}),
             **kwargs,
         )
     ctx = DataContext.get_current()

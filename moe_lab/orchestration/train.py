@@ -129,7 +129,8 @@ class DistributedMoETrainer(MoETrainer):
         **kwargs: MoETrainer options plus ``use_gpu`` (False), ``resources_per_worker``
             (``{"CPU": n, ...}``), ``address`` (a Ray cluster; default: local),
             ``storage_path`` (Ray Train storage; default ``output_dir/ray``), ``max_failures``
-            (0), ``name`` (run name).
+            (0), ``name`` (run name), ``run_config_callbacks`` (Ray Train callbacks for the
+            ``RunConfig``, e.g. a ``TuneReportCallback`` when a Tune trial drives the run).
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class DistributedMoETrainer(MoETrainer):
         self.storage_path = kwargs.pop("storage_path", None)
         self.max_failures = int(kwargs.pop("max_failures", 0))
         self.run_name = kwargs.pop("name", None)
+        self.run_config_callbacks = list(kwargs.pop("run_config_callbacks", None) or [])
         kwargs.setdefault("device", "cpu")  # the driver only holds the weights
         super().__init__(model, **kwargs)
         self.ray_result: Any = None
@@ -257,6 +259,7 @@ class DistributedMoETrainer(MoETrainer):
                 storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=3),
+                callbacks=self.run_config_callbacks or None,
             ),
             datasets=datasets or None,
         )

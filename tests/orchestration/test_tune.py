@@ -1,0 +1,394 @@
+"""Ray Tune sweeps (moe_lab.tuning + moe_lab.orchestration.tune) on one local Ray cluster.
+
+Spec validation runs first, before the module's cluster starts: invalid search spaces fail
+without Ray. The sweeps are tiny (jobs/sweep_smoke.yaml: 1-layer model, a few steps).
+"""
+
+import csv
+import hashlib
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from typer.testing import CliRunner
+
+from moe_lab.cli import app
+from moe_lab.errors import ConfigError
+from moe_lab.jobs import load_job
+from moe_lab.tuning import apply_sweep_overrides, load_sweep, resume_sweep, run_sweep, trial_job
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "jobs" / "sweep_smoke.yaml"
+DEFAULT_JOB = ROOT / "jobs" / "default.yaml"
+ROUTERS = ROOT / "jobs" / "sweep_routers.yaml"
+runner = CliRunner()
+
+
+def _sweep(tmp_path, search_space, **fields):
+    """The smoke sweep as a mapping, with another search space."""
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(base_job=str(DEFAULT_JOB), search_space=search_space, output_dir=str(tmp_path), name="t")
+    data.update(fields)
+    return data
+
+
+def _rows(result_dir):
+    with open(Path(result_dir) / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------
+# validation: no Ray
+# ---------------------------------------------------------------------------------------
+
+BAD_SPACES = [
+    ({"model.routr_type": {"choice": ["top_k"]}}, r"model\.routr_type.*unknown field 'routr_type'.*router_type"),
+    ({"modle.hidden_size": {"choice": [32]}}, r"modle\.hidden_size.*unknown section 'modle'"),
+    ({"model.router_type": {"choice": []}}, r"model\.router_type.*non-empty"),
+    ({"model.router_type": {"choise": ["top_k"]}}, r"model\.router_type.*unknown distribution 'choise'.*'choice'"),
+    ({"training.learning_rate": {"loguniform": [0.01, 0.001]}}, r"training\.learning_rate.*low \(0\.01\) must be < high"),
+    ({"training.learning_rate": {"loguniform": [0.0, 0.001]}}, r"training\.learning_rate.*loguniform needs 0 < low"),
+    ({"model.load_balancing_loss_coef": {"uniform": [0.1, 0.01]}}, r"load_balancing_loss_coef.*low \(0\.1\) must be < high"),
+    ({"model.experts_per_token": {"randint": [3, 1]}}, r"model\.experts_per_token.*randint low \(3\) > high \(1\)"),
+    ({"model.router_type": {"choice": ["top_k", "swich"]}}, r"model\.router_type.*value 'swich' is invalid"),
+    ({"training.learning_rate": {"uniform": [-1.0, 0.01]}}, r"training\.learning_rate.*value -1\.0 is invalid"),
+    ({"training.output_dir": {"choice": ["a"]}}, r"training\.output_dir.*cannot be searched"),
+    ({"model.num_experts": {"uniform": [2, 8]}}, r"model\.num_experts.*integer field; use randint"),
+    ({"model.router_type": ["top_k"]}, r"model\.router_type.*expected one distribution"),
+]
+
+
+@pytest.mark.parametrize("space,message", BAD_SPACES, ids=[m.split(".*")[0] for _, m in BAD_SPACES])
+def test_invalid_search_space_fails_before_ray_starts(tmp_path, space, message):
+    ray_was_up = ray.is_initialized()  # False unless an earlier test module left Ray running
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(_sweep(tmp_path, space))
+    assert time.perf_counter() - t0 < 10
+    assert ray.is_initialized() == ray_was_up
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"num_sample": 3}, r"num_sample: unknown field"),
+        ({"search": "bayes"}, r"search = 'bayes'"),
+        ({"base_job": "nope.yaml"}, r"base_job 'nope.yaml' not found"),
+        ({"scheduler": {"metric": "accuracy"}}, r"scheduler.metric 'accuracy' is not a reported metric"),
+        ({"scheduler": {"grace_period": 50, "max_t": 4}}, r"grace_period \(50\) must be <= max_t \(4\)"),
+        ({"search": "grid", "search_space": {"training.learning_rate": {"uniform": [0.001, 0.01]}}}, r"search 'grid' needs"),
+        ({"overrides": ["model.hiden_size=3"]}, r"model.hiden_size: unknown field"),
+    ],
+)
+def test_invalid_sweep_fields_fail_fast(tmp_path, fields, message):
+    data = _sweep(tmp_path, {"model.router_type": {"choice": ["top_k"]}})
+    data.update(fields)
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(data)
+    assert ray.is_initialized() == ray_was_up
+
+
+def test_optuna_search_without_optuna_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
+    ray_was_up = ray.is_initialized()
+    data = _sweep(tmp_path, {"model.router_type": {"choice": ["top_k"]}}, search="optuna")
+    with pytest.raises(ConfigError, match=r"pip install 'moe-lab\[optuna\]'"):
+        run_sweep(data)
+    assert ray.is_initialized() == ray_was_up
+
+
+def test_loading_and_rejecting_a_sweep_never_imports_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base_job: {DEFAULT_JOB}\nsearch_space:\n  model.routr_type: {{choice: [top_k]}}\n")
+    code = (
+        "import sys\n"
+        "from moe_lab.errors import ConfigError\n"
+        "from moe_lab.tuning import load_sweep, run_sweep\n"
+        f"spec = load_sweep({str(ROUTERS)!r})\n"
+        "assert spec.num_trials == 9, spec.num_trials\n"
+        "try:\n"
+        f"    run_sweep({str(bad)!r})\n"
+        "except ConfigError as exc:\n"
+        "    print('rejected:', exc)\n"
+        "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "rejected:" in out.stdout and "routr_type" in out.stdout
+
+
+def test_cli_bad_spec_exits_2_naming_the_field(tmp_path):
+    ray_was_up = ray.is_initialized()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base_job: {DEFAULT_JOB}\nsearch_space:\n  training.learning_rate: {{loguniform: [0.1, 0.001]}}\n")
+    res = runner.invoke(app, ["sweep", str(bad)])
+    assert res.exit_code == 2
+    assert "training.learning_rate" in res.output and "must be < high" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["sweep", str(SMOKE), "--set", "search_space.model.routr_type={choice: [top_k]}"])
+    assert res.exit_code == 2 and "routr_type" in res.output
+    res = runner.invoke(app, ["sweep"])  # neither a file nor --resume
+    assert res.exit_code == 2 and "--resume" in res.output
+    res = runner.invoke(app, ["sweep", "--resume", str(tmp_path)])  # not a sweep directory
+    assert res.exit_code == 2 and "not a sweep directory" in res.output
+    assert ray.is_initialized() == ray_was_up
+
+
+def test_set_routes_to_sweep_job_and_search_space():
+    data = apply_sweep_overrides(
+        {"base_job": "default", "search_space": {}},
+        ["num_samples=4", "training.max_steps=10", "job.name=x", "scheduler.grace_period=5",
+         "search_space.model.experts_per_token={choice: [1, 2]}"],
+    )
+    assert data["num_samples"] == 4 and data["scheduler"] == {"grace_period": 5}
+    assert data["overrides"] == ["training.max_steps=10", "name=x"]
+    assert data["search_space"] == {"model.experts_per_token": {"choice": [1, 2]}}
+
+
+def test_default_sweep_covers_every_router_and_fits_the_budget():
+    spec = load_sweep(ROUTERS)
+    space = {d.field: d for d in spec.dimensions}
+    assert space["model.router_type"].kind == "grid"
+    assert set(space["model.router_type"].values) == {"top_k", "switch", "expert_choice"}
+    for f in ("model.load_balancing_loss_coef", "model.router_z_loss_coef", "model.capacity_factor",
+              "model.experts_per_token", "training.learning_rate"):
+        assert f in space
+    assert spec.num_trials >= 6
+    job = spec.job
+    assert job.training.max_steps <= 400 and job.model.hidden_size <= 128
+    assert spec.scheduler.type == "asha" and spec.stop_on_routing_collapse is not None
+
+
+def test_switch_trials_run_with_one_expert_and_bad_combinations_fail():
+    spec = load_sweep(SMOKE)
+    job, adjustments = trial_job(spec, {"model": {"router_type": "switch"}})
+    assert job.model.experts_per_token == 1
+    assert adjustments and "experts_per_token 2 -> 1" in adjustments[0]
+    job, adjustments = trial_job(spec, {"model.router_type": "expert_choice"})
+    assert job.model.experts_per_token == 2 and adjustments == []
+    with pytest.raises(ConfigError, match=r"model.experts_per_token=8.*experts_per_token \(8\) must be <= num_experts \(4\)"):
+        trial_job(spec, {"model.experts_per_token": 8})
+
+
+def test_routing_collapse_stopper_waits_for_warmup_and_needs_more_than_the_threshold():
+    from moe_lab.orchestration.tune import RoutingCollapseStopper
+
+    stop = RoutingCollapseStopper(dead_expert_fraction=0.5, after_step=100)
+    assert not stop("t", {"step": 50, "eval_dead_expert_fraction": 0.75})  # warm-up
+    assert not stop("t", {"step": 100, "eval_dead_expert_fraction": 0.5})  # half is not more than half
+    assert stop("t", {"step": 100, "eval_dead_expert_fraction": 0.625})
+    assert not stop("t", {"step": 200, "train_loss": 1.0})  # train-only results never stop
+    assert not stop.stop_all()
+
+
+def test_param_space_and_resources_follow_the_spec():
+    from ray import tune
+
+    from moe_lab.orchestration.tune import param_space, plan_trials
+
+    spec = load_sweep(ROUTERS)
+    space = param_space(spec)
+    assert space["model"]["router_type"] == tune.grid_search(["top_k", "switch", "expert_choice"])
+    assert type(space["model"]["experts_per_token"]).__name__ == "Categorical"
+    grid = load_sweep(ROUTERS, ["search=grid", "search_space.training.learning_rate={choice: [0.001, 0.01]}",
+                                "search_space.model.load_balancing_loss_coef={choice: [0.01]}",
+                                "search_space.model.router_z_loss_coef={choice: [0.001]}"])
+    assert grid.num_trials == 3 * 1 * 1 * 3 * 2 * 2 * 3  # num_samples x every choice
+    assert param_space(grid)["model"]["capacity_factor"] == tune.grid_search([1.0, 1.25, 2.0])
+    randint = param_space(load_sweep(SMOKE, ["search_space.model.experts_per_token={randint: [1, 2]}"]))
+    assert randint["model"]["experts_per_token"].upper == 3  # bounds inclusive
+    plan = plan_trials(spec, spec.job, local=True, cluster_cpus=4)
+    assert 0 < plan.resources["CPU"] < 1 and plan.torch_threads == 1 and plan.num_workers == 1
+    assert 1 <= plan.max_concurrent_trials <= spec.num_trials
+    multi = load_sweep(SMOKE, ["scaling.num_workers=2"])
+    plan = plan_trials(multi, multi.job, local=False, cluster_cpus=16)
+    assert plan.num_workers == 2 and plan.max_concurrent_trials == 3  # 16 CPUs // (2 workers + driver), <= 3 trials
+    assert plan_trials(load_sweep(SMOKE, ["max_concurrent_trials=1"]), spec.job, True, 4).max_concurrent_trials == 1
+
+
+# ---------------------------------------------------------------------------------------
+# sweeps on Ray
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from moe_lab.orchestration.cluster import init_ray, shutdown_ray
+
+    init_ray(num_cpus=4, object_store_memory=300 * 1024**2, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweeps")
+    return run_sweep(SMOKE, [f"output_dir={out}", "name=smoke"], verbose=0)
+
+
+def test_small_sweep_writes_table_best_job_and_plot(smoke_sweep):
+    res = smoke_sweep
+    rows = _rows(res.directory)
+    assert len(rows) == len(res.rows) == 3
+    assert {r["model.router_type"] for r in rows} == {"top_k", "switch", "expert_choice"}
+    for r in rows:
+        assert r["status"] == "completed" and int(r["step"]) == 4 and r["error"] == ""
+        for col in ("eval_loss", "eval_perplexity", "eval_load_imbalance", "eval_dropped_fraction", "tokens_per_s"):
+            assert math.isfinite(float(r[col])), (col, r)
+        assert float(r["eval_perplexity"]) == pytest.approx(math.exp(float(r["eval_loss"])), rel=1e-6)
+    switch = next(r for r in rows if r["model.router_type"] == "switch")
+    assert "experts_per_token 2 -> 1" in switch["adjustments"]
+    assert load_job(Path(switch["trial_dir"]) / "job.yaml").model.experts_per_token == 1
+    # best first, and best.yaml is that trial's job
+    losses = [float(r["eval_loss"]) for r in rows]
+    assert losses == sorted(losses) and res.best["trial_id"] == rows[0]["trial_id"]
+    best = load_job(res.best_job_path)
+    assert best.model.router_type.value == rows[0]["model.router_type"]
+    assert best.training.learning_rate == pytest.approx(float(rows[0]["training.learning_rate"]))
+    assert best.training.output_dir.startswith("./outputs/")
+    assert res.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res.plot_path.stat().st_size > 5000
+    assert not res.interrupted and res.num_errors == 0
+
+
+def test_a_finished_sweep_directory_is_not_overwritten(smoke_sweep):
+    with pytest.raises(ConfigError, match=r"already holds a sweep; resume it with `moe-lab sweep --resume"):
+        run_sweep(SMOKE, [f"output_dir={smoke_sweep.directory.parent}", "name=smoke"], verbose=0)
+
+
+def test_results_table_prints_every_trial(smoke_sweep):
+    from rich.console import Console
+
+    from moe_lab.orchestration.tune import print_results_table
+
+    console = Console(record=True, width=250)
+    print_results_table(smoke_sweep, console=console)
+    text = console.export_text()
+    for r in smoke_sweep.rows:
+        assert r["trial_id"] in text
+    assert "expert_choice" in text and "completed" in text
+
+
+def test_best_job_trains(smoke_sweep, tmp_path):
+    from moe_lab.pipeline import run_job_local
+
+    job = load_job(smoke_sweep.best_job_path, ["training.max_steps=2", "training.progress_bar=false"])
+    summary = run_job_local(job, output_dir=str(tmp_path / "best"))
+    assert summary["global_step"] == 2 and math.isfinite(summary["eval_loss"])
+
+
+def test_failing_trials_are_in_the_table_and_the_sweep_goes_on(ray_cluster, tmp_path):
+    # experts_per_token=4 is valid alone (4 experts in the base job) but not with num_experts=2:
+    # that trial fails fast; batch_size 100000 fails inside training (more than the data)
+    res = run_sweep(SMOKE, [f"output_dir={tmp_path}", "name=fail", "search_space.model.router_type={choice: [top_k]}",
+                            "search_space.model.num_experts={choice: [2]}",
+                            "search_space.model.experts_per_token={grid: [1, 4]}",
+                            "search_space.training.batch_size={grid: [4, 100000]}"], verbose=0)
+    rows = {(int(r["model.experts_per_token"]), int(r["training.batch_size"])): r for r in _rows(res.directory)}
+    assert len(rows) == 4
+    assert rows[1, 4]["status"] == "completed" and math.isfinite(float(rows[1, 4]["eval_loss"]))
+    assert rows[1, 100000]["status"] == "error"
+    assert "InputError" in rows[1, 100000]["error"] and "fewer than one batch" in rows[1, 100000]["error"]
+    for batch in (4, 100000):
+        err = rows[4, batch]["error"]
+        assert rows[4, batch]["status"] == "error" and "ConfigError" in err, err
+        assert "experts_per_token (4) must be <= num_experts (2)" in err, err
+    assert res.num_errors == 3 and res.best["trial_id"] == rows[1, 4]["trial_id"]
+
+
+def test_asha_stops_the_bad_trial_early(ray_cluster, tmp_path):
+    # one trial at a time: the good learning rate sets the bar at every rung (1, 2, 4 steps),
+    # the 1e-6 trial is below it at its first evaluation and stops there
+    res = run_sweep(SMOKE, [f"output_dir={tmp_path}", "name=asha", "max_concurrent_trials=1",
+                            "search_space.model.router_type={choice: [top_k]}",
+                            "search_space.training.learning_rate={grid: [0.01, 0.000001]}",
+                            "training.eval_steps=1", "training.max_steps=4",
+                            "scheduler={type: asha, grace_period: 1, reduction_factor: 2, max_t: 4}"], verbose=0)
+    rows = {float(r["training.learning_rate"]): r for r in _rows(res.directory)}
+    assert rows[0.01]["status"] == "completed" and int(rows[0.01]["step"]) == 4
+    assert rows[1e-6]["status"] == "early stopped" and int(rows[1e-6]["step"]) == 1
+    assert float(rows[1e-6]["eval_loss"]) > float(rows[0.01]["eval_loss"])
+
+
+def test_optuna_search(ray_cluster, tmp_path):
+    pytest.importorskip("optuna")
+    res = run_sweep(SMOKE, [f"output_dir={tmp_path}", "name=optuna", "search=optuna", "num_samples=2",
+                            "max_concurrent_trials=1"], verbose=0)
+    rows = _rows(res.directory)
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    lrs = [float(r["training.learning_rate"]) for r in rows]
+    assert all(0.001 <= lr <= 0.01 for lr in lrs) and lrs[0] != lrs[1]
+
+
+def _digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_resume_after_interrupt_finishes_every_trial_once(ray_cluster, tmp_path):
+    """Run `moe-lab sweep` in a subprocess (on this module's cluster), Ctrl-C it while a trial
+    runs, then resume: every trial completes and finished trials are not run again."""
+    sweep_dir = tmp_path / "resume"
+    cmd = [sys.executable, "-m", "moe_lab", "sweep", str(SMOKE), "-q", "--address", ray_cluster,
+           "--set", f"output_dir={tmp_path}", "--set", "name=resume", "--set", "max_concurrent_trials=1",
+           "--set", "training.max_steps=60", "--set", "training.save_steps=10", "--set", "training.eval_steps=20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            finished = list(sweep_dir.glob("trial_*/train/model/training_result.json"))
+            running = [d for d in sweep_dir.glob("trial_*")
+                       if list(d.glob("train/checkpoints/step-*")) and not (d / "train" / "model").exists()]
+            if finished and running:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + proc.stdout.read()
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "resume with `moe-lab sweep --resume" in output
+    before = {r["trial_id"]: r for r in _rows(sweep_dir)}
+    done_before = [t for t, r in before.items() if r["status"] == "completed"]
+    cut = [t for t, r in before.items() if r["status"] == "interrupted"]
+    assert done_before and cut, before
+    digests = {t: _digest(sweep_dir / f"trial_{t}" / "train" / "metrics.jsonl") for t in done_before}
+    results = {t: _digest(sweep_dir / f"trial_{t}" / "result.json") for t in done_before}
+
+    res = resume_sweep(sweep_dir, verbose=0)
+    rows = {r["trial_id"]: r for r in res.rows}
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows.values()), rows
+    assert {r["model.router_type"] for r in rows.values()} == {"top_k", "switch", "expert_choice"}
+    for t in done_before:  # finished trials were not run again
+        assert _digest(sweep_dir / f"trial_{t}" / "train" / "metrics.jsonl") == digests[t]
+        assert _digest(sweep_dir / f"trial_{t}" / "result.json") == results[t]
+    for t in cut:  # the interrupted trial went on from its last training checkpoint (step >= 10)
+        lines = (sweep_dir / f"trial_{t}" / "train" / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(x)["step"] for x in lines if '"loss"' in x]
+        assert steps.count(2) == 1 and steps[-1] == 60, steps
+    assert not res.interrupted and res.best_job_path.exists()
+
+
+@pytest.mark.slow
+def test_multi_worker_trial_reports_through_ray_train(ray_cluster, tmp_path):
+    """A 2-worker (data-parallel) trial reports through TuneReportCallback and computes what
+    the 1-worker trial of the same config computes."""
+    res = run_sweep(SMOKE, [f"output_dir={tmp_path}", "name=workers", "max_concurrent_trials=1",
+                            "training.mixed_precision=false",
+                            "search_space.model.router_type={choice: [top_k]}",
+                            "search_space.training.learning_rate={choice: [0.005]}",
+                            "search_space.scaling.num_workers={grid: [1, 2]}"], verbose=0)
+    rows = {int(r["scaling.num_workers"]): r for r in _rows(res.directory)}
+    assert rows[1]["status"] == rows[2]["status"] == "completed", rows
+    assert int(rows[2]["step"]) == 4
+    assert float(rows[2]["eval_loss"]) == pytest.approx(float(rows[1]["eval_loss"]), rel=1e-4)
+    assert (Path(rows[2]["trial_dir"]) / "train" / "model" / "model.safetensors").exists()
