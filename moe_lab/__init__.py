@@ -4,6 +4,7 @@
     model = MoEModel(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4)
 """
 
+from .analytics import ExpertMonitor, MonitoringStats, RouterAnalyzer, RoutingAnalysis, TrainingVisualizer
 from .config import MoEConfig, TrainingConfig
 from .constants import (
     DEFAULT_EXPERTS_PER_TOKEN,
@@ -31,6 +32,7 @@ from .model import (
     TopKRouter,
 )
 from .interop import UnsupportedConversionError, export_hf_mixtral, import_hf_mixtral, upcycle
+from .inference import DynamicExpertLoader, OptimizedMoEModel
 from .parallel import ExpertParallelism
 from .types import (
     ActivationType,
@@ -51,9 +53,11 @@ __all__ = [
     "DEFAULT_HIDDEN_SIZE",
     "DEFAULT_NUM_EXPERTS",
     "DistributedError",
+    "DynamicExpertLoader",
     "ExpertChoiceRouter",
     "ExpertError",
     "ExpertOutputs",
+    "ExpertMonitor",
     "ExpertParallelism",
     "ExpertType",
     "ExpertWeights",
@@ -65,14 +69,19 @@ __all__ = [
     "MoEConfig",
     "MoEError",
     "MoELayer",
+    "MonitoringStats",
     "MoEModel",
+    "OptimizedMoEModel",
     "RouterError",
+    "RouterAnalyzer",
     "RouterType",
     "RoutingInfo",
+    "RoutingAnalysis",
     "SwitchRouter",
     "TopKRouter",
     "TrainingConfig",
     "TrainingMetrics",
+    "TrainingVisualizer",
     "UnsupportedConversionError",
     "__version__",
     "export_hf_mixtral",

@@ -81,29 +81,32 @@ def generate(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 0.9,
     top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop before this text (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
+    max_experts_in_memory: Annotated[int, typer.Option(help="Experts per MoE layer kept on the device.")] = 4,
+    expert_cache_size: Annotated[int, typer.Option(help="Host copies of experts per MoE layer.")] = 8,
+    show_stats: Annotated[bool, typer.Option("--show-stats", help="Print expert-cache statistics to stderr at the end.")] = False,
 ) -> None:
-    """Generate a continuation of --prompt, streaming tokens to the terminal."""
-    import torch
-
+    """Generate a continuation of --prompt with OptimizedMoEModel (KV cache + expert cache), streaming to the terminal."""
     from ..errors import InputError
-    from ..inference import generate as gen
+    from ..inference import CompletionRequest, OptimizedMoEModel
+    from ..inference.generate import validate_sampling
 
-    model, tok = _load_checkpoint_and_tokenizer(checkpoint)
-    ids = tok.encode(prompt)
-    if not ids:
+    validate_sampling(temperature, top_p, top_k, max_new_tokens)  # before loading anything
+    if not prompt:
         raise InputError("--prompt is empty")
-    stream = gen(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                 top_k=top_k, eos_token_id=tok.eos_token_id, seed=seed, streaming=True)
+    model = OptimizedMoEModel(checkpoint, device_map=device, max_experts_in_memory=max_experts_in_memory,
+                              expert_cache_size=expert_cache_size)
+    request = CompletionRequest(prompt, max_new_tokens, temperature, top_p, top_k, list(stop or []), seed)
     typer.echo(prompt, nl=False)
-    new: List[int] = []
-    shown = ""
-    for step in stream:
-        new.append(int(step[0]))
-        text = tok.decode(new, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue  # wait for the rest of a multi-byte character
-        typer.echo(text[len(shown):], nl=False)
-        shown = text
-    typer.echo(tok.decode(new, skip_special_tokens=True)[len(shown):])
+    for chunk in model.stream(request):
+        typer.echo(chunk.text, nl=chunk.finish_reason is not None)
+    if show_stats:
+        st = model.stats()
+        typer.echo(
+            f"expert cache: hit rate {st['hit_rate']:.3f} ({st['hits']} hits, {st['misses']} misses, "
+            f"{st['prefetches']} prefetches), {st['bytes_loaded'] / 2**20:.1f} MiB loaded",
+            err=True,
+        )
 
 

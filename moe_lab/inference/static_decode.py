@@ -34,12 +34,33 @@ from ..types import RouterType
 from .generate import pad_batch, sample_next_token, validate_sampling
 
 
+def resident_experts(experts: nn.Module) -> Optional[nn.Module]:
+    """The stacked expert module holding every expert of a layer on the device, or None.
+
+    A :class:`~moe_lab.model.GroupedExperts` is its own answer; an expert cache with a slot
+    for every expert (:class:`~moe_lab.inference.expert_cache.CachedExperts`) is arranged so
+    that slot ``e`` holds expert ``e`` and its slots are returned.
+    """
+    if hasattr(experts, "w_in") and hasattr(experts, "forward_grouped"):
+        return experts if experts.w_in.device.type != "meta" else None
+    arrange = getattr(experts, "arrange_identity", None)
+    if arrange is not None and arrange():
+        return experts.slots
+    return None
+
+
+def _all_resident(experts: nn.Module) -> bool:
+    if hasattr(experts, "forward_grouped") and hasattr(experts, "w_in"):
+        return experts.w_in.device.type != "meta"
+    return hasattr(experts, "arrange_identity") and getattr(experts, "cache_size", 0) >= experts.num_experts
+
+
 def supports_static_decode(model: nn.Module) -> bool:
-    """Top-k routing without capacity, GLU or FFN experts, all experts resident on the device."""
+    """Top-k routing without capacity and every expert resident on the device."""
     cfg = model.config
     if cfg.router_type != RouterType.TOP_K or cfg.capacity_factor is not None:
         return False
-    return all(hasattr(moe.experts, "w_in") and moe.experts.w_in.device.type != "meta" for moe in model.moe_layers)
+    return all(_all_resident(moe.experts) for moe in model.moe_layers)
 
 
 class _StaticCache:
@@ -73,6 +94,13 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # step input
         self.logits: Optional[torch.Tensor] = None  # step output [B, V]
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.experts = {}  # MoE layer index -> stacked experts with every expert resident
+        for layer in model.layers:
+            if layer.is_moe:
+                grouped = resident_experts(layer.mlp.experts)
+                if grouped is None:
+                    raise InputError(f"layer {layer.layer_idx}: not every expert is resident on the device")
+                self.experts[layer.layer_idx] = grouped
 
     # ---- the one-token step ---------------------------------------------------------------
     @torch.no_grad()
@@ -104,7 +132,7 @@ class StaticDecoder:
                 h_TD = h.reshape(b, -1)
                 weights_TK, experts_TK = moe.router.route(h_TD)
                 x_ND, tokens_per_expert, meta = moe.dispatcher.dispatch(h_TD, experts_TK, weights_TK, all_valid=True)
-                out = moe.dispatcher.combine(moe.experts.forward_grouped(x_ND, tokens_per_expert), meta)
+                out = moe.dispatcher.combine(self.experts[i].forward_grouped(x_ND, tokens_per_expert), meta)
                 x = x + out.view(b, 1, -1)
             else:
                 x = x + layer.mlp(h)

@@ -63,3 +63,22 @@ def test_unsupported_models_and_bad_sizes():
         dec.generate(torch.zeros(1, 5, dtype=torch.long), max_new_tokens=5)
     with pytest.raises(InputError, match="built for batch 1"):
         dec.prefill(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
+
+
+def test_optimized_model_static_path_equals_eager_path(tmp_path):
+    from moe_lab.inference import OptimizedMoEModel
+    from moe_lab.training import save_moe_checkpoint
+
+    m = _model()
+    save_moe_checkpoint(m, None, None, tmp_path / "ckpt")
+    opt = OptimizedMoEModel(tmp_path / "ckpt", device_map="cpu", max_experts_in_memory=4, dtype="float32")
+    assert opt.static_decode is False  # CPU: eager KV-cache decoding by default
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5]]
+    eager = opt.generate(prompts, max_new_tokens=6, temperature=0, pad_token_id=0)
+    opt.static_decode = True  # every expert resident: the static (CUDA-graph on GPU) path applies
+    static = opt.generate(prompts, max_new_tokens=6, temperature=0, pad_token_id=0)
+    assert torch.equal(static, eager)
+    streamed = torch.stack(list(opt.generate(prompts, max_new_tokens=6, temperature=0, streaming=True, pad_token_id=0)), dim=1)
+    assert torch.equal(streamed, eager[:, -6:])
+    half = OptimizedMoEModel(tmp_path / "ckpt", device_map="cpu", max_experts_in_memory=2, dtype="float32")
+    assert not supports_static_decode(half.model)  # half the experts resident: the expert cache path

@@ -1,0 +1,207 @@
+"""OptimizedMoEModel: loading, greedy equivalence, batching, streaming, the two memory knobs, text helpers."""
+
+import pytest
+import torch
+
+from moe_lab import CheckpointError, ConfigError, InputError, OptimizedMoEModel
+from moe_lab.data import ByteTokenizer
+from moe_lab.inference import CachedExperts, CompletionRequest, FieldError
+from moe_lab.training.checkpoint import load_pretrained_moe
+
+
+def _argmax_reference(model, ids, steps):
+    """Step-by-step argmax of the full forward, no KV cache."""
+    seq = ids.clone()
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("resident", [4, 2])  # all experts, then half of them
+@pytest.mark.parametrize("strategy", ["usage_based", "none"])
+def test_greedy_equals_stepwise_argmax_of_full_forward(tiny_ckpt, resident, strategy):
+    path, _ = tiny_ckpt
+    ref = load_pretrained_moe(path, dropout=0.0).eval()
+    model = OptimizedMoEModel(path, device_map="cpu", max_experts_in_memory=resident, prefetch_strategy=strategy)
+    for prompt in ([5, 17, 200, 3], [42]):
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, max_length=len(prompt) + 20, temperature=0)
+        assert torch.equal(out, _argmax_reference(ref, ids, 20))
+    st = model.stats()
+    assert all(len(r) <= resident for r in st["resident"].values())
+    if resident == 2:
+        assert st["misses"] + st["prefetches"] > 2 * 2  # experts really moved in and out
+
+
+def test_batched_prompts_of_different_lengths(tiny_ckpt):
+    path, _ = tiny_ckpt
+    model = OptimizedMoEModel(path, max_experts_in_memory=2)
+    prompts = [[1, 2, 3, 4, 5, 6], [7], [100, 101, 102]]
+    out = model.generate(prompts, max_length=16, temperature=0)
+    assert out.shape == (3, 16)  # max_length = total length, prompt (padded to 6) included
+    for i, p in enumerate(prompts):
+        alone = model.generate([p], max_length=len(p) + 10, temperature=0)
+        assert out[i, -10:].tolist() == alone[0, -10:].tolist()
+    # the same batch as a right-padded tensor + attention_mask
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+        mask[i, : len(p)] = 1
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=10, temperature=0)
+    assert torch.equal(again[:, -10:], out[:, -10:])
+
+
+def test_streaming_matches_and_max_length_semantics(tiny_ckpt):
+    path, _ = tiny_ckpt
+    model = OptimizedMoEModel(path, max_experts_in_memory=2)
+    ids = torch.tensor([[9, 8, 7], [1, 2, 3]])
+    full = model.generate(ids, max_length=11, temperature=0)
+    steps = list(model.generate(ids, max_length=11, temperature=0, streaming=True))
+    assert len(steps) == 8 and all(s.shape == (2,) for s in steps)
+    assert torch.equal(torch.stack(steps, 1), full[:, 3:])
+    assert model.generate(ids, max_new_tokens=4, temperature=0).shape == (2, 7)  # overrides max_length
+    with pytest.raises(InputError, match="max_length \\(3\\) counts the prompt"):
+        model.generate(ids, max_length=3)
+    with pytest.raises(InputError, match="exceeds the context \\(64\\)"):
+        model.generate(ids, max_length=100)
+    with pytest.raises(InputError, match="unknown generate\\(\\) arguments \\['beams'\\]"):
+        model.generate(ids, beams=2)
+
+
+def test_sampling_seed_eos_and_greedy_flags(tiny_ckpt):
+    path, _ = tiny_ckpt
+    model = OptimizedMoEModel(path)
+    ids = torch.tensor([[65, 66, 67]])
+    a = model.generate(ids, max_length=20, temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    b = model.generate(ids, max_length=20, temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    assert torch.equal(a, b)
+    greedy = model.generate(ids, max_length=20, temperature=0)
+    assert torch.equal(model.generate(ids, max_length=20, temperature=1.5, do_sample=False), greedy)
+    eos = int(greedy[0, 5])
+    stopped = model.generate(ids, max_length=20, temperature=0, eos_token_id=eos, pad_token_id=0)
+    assert stopped[0, 5] == eos and stopped.shape[1] == 6  # the only row finished: generation ends
+    with pytest.raises(InputError, match="top_p must be in \\(0, 1\\], got 0"):
+        model.generate(ids, top_p=0)
+
+
+def test_two_memory_knobs_are_distinct(tiny_ckpt):
+    path, _ = tiny_ckpt
+    model = OptimizedMoEModel(path, max_experts_in_memory=1, expert_cache_size=3, prefetch_strategy="none")
+    store = model.expert_loader.store
+    assert store.file_bytes_read == 0  # nothing read before it is needed (the file is only mapped)
+    model.generate([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=12, temperature=0)
+    st = model.stats()
+    assert all(len(r) == 1 for r in st["resident"].values())  # device tier: 1 expert per layer
+    host = st["store"]["host_resident"]
+    assert all(len(r) == 3 for r in host.values())  # host tier: 3 materialised copies per layer
+    assert st["store"]["host_hits"] > 0
+    # every device slot holds one expert; the slots are all the model has of its experts
+    for layer in model.model.moe_layers:
+        assert isinstance(layer.experts, CachedExperts) and layer.experts.slots.w_in.shape[0] == 1
+
+    no_host = OptimizedMoEModel(path, max_experts_in_memory=2, expert_cache_size=0, prefetch_strategy="none")
+    no_host.generate([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=12, temperature=0)
+    st = no_host.stats()
+    assert all(r == [] for r in st["store"]["host_resident"].values())
+    assert st["store"]["host_hits"] == 0 and st["store"]["host_misses"] == st["misses"]
+    assert st["store"]["file_bytes_read"] == st["bytes_loaded"]  # every load read the mapped file
+
+
+def test_tokenizer_and_text_helpers(tiny_ckpt):
+    path, _ = tiny_ckpt
+    model = OptimizedMoEModel(path, max_experts_in_memory=2)
+    assert isinstance(model.tokenizer, ByteTokenizer)
+    base = model.complete([CompletionRequest("12 + 5 =", max_tokens=12, temperature=0)])[0]
+    assert base.finish_reason in ("length", "stop") and base.prompt_tokens == 8
+    assert model.generate_text("12 + 5 =", max_new_tokens=12, temperature=0) == base.text
+    # a stop string cuts the text before it, in complete() and in stream(): stop at the
+    # first ASCII character the model generates after two tokens (bytes < 128 decode alone)
+    assert base.finish_reason == "length" and len(base.token_ids) == 12
+    stop = next(chr(t) for t in base.token_ids[2:] if 32 <= t < 127)
+    cut = base.text[: base.text.find(stop)]
+    req = CompletionRequest("12 + 5 =", max_tokens=12, temperature=0, stop=["zzz", stop])
+    done = model.complete([req])[0]
+    assert done.text == cut and done.finish_reason == "stop" and stop not in done.text
+    chunks = list(model.stream(req))
+    assert "".join(c.text for c in chunks) == cut and chunks[-1].finish_reason == "stop"
+    chunks = list(model.stream(CompletionRequest("12 + 5 =", max_tokens=12, temperature=0)))
+    assert "".join(c.text for c in chunks) == base.text and chunks[-1].finish_reason == base.finish_reason
+
+
+def test_complete_batches_mixed_requests_like_single_ones(tiny_ckpt):
+    path, _ = tiny_ckpt
+    model = OptimizedMoEModel(path, max_experts_in_memory=2)
+    reqs = [
+        CompletionRequest("hello", max_tokens=5, temperature=0),
+        CompletionRequest([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], max_tokens=9, temperature=0.7, top_p=0.8, seed=11),
+        CompletionRequest("x", max_tokens=50, temperature=0),  # long: grouped apart (context 64)
+        CompletionRequest("a much longer prompt than the others", max_tokens=3, temperature=1.0, top_k=5, seed=2),
+    ]
+    batched = model.complete(reqs)
+    single = [model.complete([r])[0] for r in reqs]
+    for b, s, r in zip(batched, single, reqs):
+        assert b.token_ids == s.token_ids and b.text == s.text
+        assert len(b.token_ids) <= r.max_tokens
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt=[]), "prompt"),
+        (dict(prompt="x" * 64), "prompt"),  # longer than the context
+        (dict(prompt=[1, 2, 259]), "prompt"),  # outside the vocabulary
+        (dict(prompt=[1, -1]), "prompt"),
+        (dict(prompt=[1, "a"]), "prompt"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(max_tokens=33), "max_tokens"),  # above the limit given below
+        (dict(prompt="y" * 40, max_tokens=30), "max_tokens"),  # prompt + max_tokens > context
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(seed=-1), "seed"),
+    ],
+)
+def test_request_validation_names_the_field(tiny_ckpt, kwargs, field):
+    path, _ = tiny_ckpt
+    model = OptimizedMoEModel(path, max_experts_in_memory=2)
+    req = CompletionRequest(**{"prompt": "ok", **kwargs})
+    with pytest.raises(FieldError) as info:
+        model.check_request(req, max_tokens_limit=32)
+    assert info.value.field == field and str(info.value).startswith(field + ":")
+
+
+def test_loading_errors(tmp_path, tiny_ckpt):
+    path, _ = tiny_ckpt
+    with pytest.raises(CheckpointError, match="not found"):
+        OptimizedMoEModel(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="device_map must be"):
+        OptimizedMoEModel(path, device_map="tpu")
+    with pytest.raises(ConfigError, match="max_experts_in_memory must be an int >= 1"):
+        OptimizedMoEModel(path, max_experts_in_memory=0)
+    with pytest.raises(ConfigError, match="expert_cache_size must be an int >= 0"):
+        OptimizedMoEModel(path, expert_cache_size=-1)
+    with pytest.raises(ConfigError, match="unknown eviction_policy"):
+        OptimizedMoEModel(path, eviction_policy="random")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            OptimizedMoEModel(path, device_map="cuda")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        OptimizedMoEModel(broken)
+
+
+def test_tied_embeddings_and_dense_layers(tmp_path, make_ckpt):
+    path = tmp_path / "tied"
+    make_ckpt(path, routing=False, tie_word_embeddings=True, num_layers=3, moe_layer_frequency=2)
+    ref = load_pretrained_moe(path, dropout=0.0).eval()
+    model = OptimizedMoEModel(path, max_experts_in_memory=1)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(model.generate(ids, max_length=15, temperature=0), _argmax_reference(ref, ids, 10))
+    assert list(model.stats()["resident"]) == [1]  # only layer 1 is MoE

@@ -1,0 +1,164 @@
+"""`moe-lab serve`: user errors exit 2 before Ray starts; a real server answers and stops cleanly."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from moe_lab import MoEModel
+from moe_lab.cli import app
+from moe_lab.data import ByteTokenizer
+from moe_lab.training.checkpoint import write_checkpoint
+
+runner = CliRunner()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve-cli") / "model"
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    model = MoEModel(vocab_size=len(tok), hidden_size=32, num_layers=2, num_attention_heads=4, num_experts=4,
+                     expert_hidden_size=32, max_position_embeddings=64, dropout=0.0)
+    write_checkpoint(path, model.config, model.state_dict(), tokenizer=tok)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ([], "give either a CHECKPOINT directory or --config FILE"),
+        (["CKPT", "--config", "x.yaml"], "give either a CHECKPOINT directory or --config FILE"),
+        (["/nonexistent/ckpt"], "is not a checkpoint directory"),
+        (["CKPT", "--replicas", "0"], "--replicas: "),
+        (["CKPT", "--max-batch-size", "0"], "--max-batch-size: "),
+        (["CKPT", "--api-key-env", "MOE_LAB_SURELY_UNSET_VAR"], "MOE_LAB_SURELY_UNSET_VAR is not set"),
+        (["--config", "/nonexistent/serve.yaml"], "serve config file not found"),
+    ],
+)
+def test_user_errors_exit_2(ckpt, args, match):
+    args = [str(ckpt) if a == "CKPT" else a for a in args]
+    res = runner.invoke(app, ["serve", *args])
+    assert res.exit_code == 2, res.output
+    assert match in res.output and "Traceback" not in res.output
+
+
+def test_port_in_use_and_config_without_host(ckpt, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = runner.invoke(app, ["serve", str(ckpt), "--port", str(port)])
+    assert res.exit_code == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in res.output
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "http_options": {"port": 8123},
+        "applications": [{"name": "a", "route_prefix": "/", "import_path": "moe_lab.orchestration.serve:app_builder",
+                          "args": {"checkpoint": str(ckpt)}}],
+    }))
+    res = runner.invoke(app, ["serve", "--config", str(cfg)])
+    assert res.exit_code == 2 and "set http_options.host explicitly" in res.output
+
+
+class _Server:
+    """A `moe-lab serve` subprocess whose output is collected by a reader thread."""
+
+    def __init__(self, cmd):
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "MOE_LAB_CLI_TEST_KEY": "k3y"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     start_new_session=True)
+        self.lines = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+    def wait_ready(self, port, timeout=150):
+        """Until the CLI says it is serving (it prints that once the app runs) and /healthz answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early ({self.proc.returncode}): {self.output[-3000:]}")
+            if "serving at" in self.output:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                        return
+                except requests.RequestException:
+                    pass
+            time.sleep(0.5)
+        self.kill()
+        raise AssertionError(f"server did not come up in {timeout}s: {self.output[-3000:]}")
+
+    def stop(self, sig, timeout=90):
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self.reader.join(timeout=10)
+        return self.output
+
+    def kill(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def test_real_server_answers_then_stops_on_ctrl_c(ckpt):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "moe_lab", "serve", str(ckpt), "--port", str(port), "--num-cpus", "0.5",
+           "--api-key-env", "MOE_LAB_CLI_TEST_KEY", "--max-tokens-limit", "16"]
+    server = _Server(cmd)
+    server.wait_ready(port)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": "moe-lab", "prompt": "12 + 5 =", "max_tokens": 8, "temperature": 0}
+        assert requests.post(url, json=body, timeout=60).status_code == 401
+        r = requests.post(url, json=body, headers={"Authorization": "Bearer k3y"}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        out = server.stop(signal.SIGINT)
+    assert server.proc.returncode == 0, out[-3000:]
+    assert "serving at http://127.0.0.1:" in out and "SIGINT: shutting down" in out and out.rstrip().endswith("stopped")
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # the proxy is gone
+
+
+@pytest.mark.slow
+def test_real_server_from_config_file_stops_on_sigterm(ckpt, tmp_path):
+    port = _free_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "moe-lab", "route_prefix": "/", "import_path": "moe_lab.orchestration.serve:app_builder",
+                          "args": {"checkpoint": str(ckpt), "num_cpus_per_replica": 0.5, "model_name": "tiny"}}],
+    }))
+    server = _Server([sys.executable, "-m", "moe_lab", "serve", "--config", str(cfg)])
+    server.wait_ready(port)
+    try:
+        models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        r = requests.post(f"http://127.0.0.1:{port}/v1/completions",
+                          json={"model": "tiny", "prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        out = server.stop(signal.SIGTERM)
+    assert server.proc.returncode == 0 and "SIGTERM: shutting down" in out, out[-3000:]
+    assert "Started Serve" not in out  # quiet: no INFO chatter
