@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..model.experts import grouped_mm_supported
 from ..types import RouterType
 from .generate import pad_batch, sample_next_token, validate_sampling
 
@@ -87,7 +88,11 @@ class StaticDecoder:
         p = next(model.parameters())
         self.model, self.device, self.dtype = model.eval(), p.device, p.dtype
         self.batch_size, self.max_length = batch_size, max_length
-        self.use_cuda_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
+        if use_cuda_graph is None:  # graph capture needs the grouped-GEMM path (no host sync): bf16 on sm90+
+            use_cuda_graph = self.device.type == "cuda" and grouped_mm_supported(
+                self.device, self.dtype, model.config.hidden_size, model.config.intermediate_size
+            )
+        self.use_cuda_graph = use_cuda_graph
         self.cache = _StaticCache(model, batch_size, max_length, self.dtype, self.device)
         self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.device)  # [B, L]
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # next RoPE position per row
