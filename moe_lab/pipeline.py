@@ -192,11 +192,39 @@ def finalize(
     if model is not None and hasattr(model, "num_parameters"):
         summary["parameters"] = {"total": model.num_parameters(), "active": model.num_parameters(active_only=True)}
     summary.update(extra or {})
-    write_json_atomic(out / "summary.json", summary)
     history = result.get("history") or {}
     if history.get("loss"):
         plot_training_curves(history, save_path=str(out / "loss_curve.png"), baseline=baseline)
+    if spec.analyze and result.get("checkpoint_path"):
+        summary["report"] = write_job_report(spec, out, Path(result["checkpoint_path"]), data)
+    write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+#: eval blocks the end-of-training report routes (a few seconds on a laptop CPU)
+REPORT_SAMPLES = 256
+
+
+def write_job_report(spec: JobSpec, out: Path, checkpoint: Path, data: PreparedData) -> Optional[str]:
+    """``report.html`` (router analytics) for the job's checkpoint, on its eval data.
+
+    Needs a label column (the built-in corpus has ``domain``); without one, or if the
+    analysis fails, training still counts as done and the reason is logged.
+    """
+    from .analytics import write_report
+    from .errors import MoEError
+
+    label = spec.data.label_column
+    if not label or label not in getattr(data.eval, "column_names", []):
+        logger.warning("no report: the eval data has no label column %r (set data.label_column)", label)
+        return None
+    try:
+        path = write_report(checkpoint, out, data=data.eval, num_samples=REPORT_SAMPLES, label_column=label,
+                            max_length=spec.data.max_length)
+    except MoEError as exc:
+        logger.warning("no report: %s", exc)
+        return None
+    return str(path)
 
 
 def format_summary(summary: Dict[str, Any]) -> str:
@@ -213,5 +241,7 @@ def format_summary(summary: Dict[str, Any]) -> str:
     if ev is not None:
         verdict = f"  -> beaten by {base - ev:.4f} nats/token" if ev < base else "  -> NOT beaten (train longer)"
     lines.append(f"unigram baseline   {base:.4f}{verdict}")
+    if summary.get("report"):
+        lines.append(f"router report      {summary['report']}")
     lines.append(f"outputs in {summary['output_dir']}")
     return "\n".join(lines)
