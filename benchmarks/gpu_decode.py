@@ -81,14 +81,13 @@ def main() -> None:
         same = torch.equal(out32.cpu(), ref.cpu())
         print(f"greedy tokens, fast path (fp32) vs step-by-step argmax of the full forward: "
               f"{'identical' if same else 'DIFFERENT'} ({ref.shape[1] - ids.shape[1]} tokens)")
-        del fast32, ref_model
+        fast32 = ref_model = None  # free the fp32 copies
         # --- speed ---------------------------------------------------------------------------------
         fast = OptimizedMoEModel(f"{tmp}/ckpt", max_experts_in_memory=kw["num_experts"], dtype=torch.bfloat16)
         for b, ids in prompts.items():
             fast.generate(ids, max_new_tokens=8, temperature=0)  # warm-up (graph capture)
             s = timed(lambda: fast.generate(ids, max_new_tokens=new, temperature=0), device)
-            rows.append({"name": f"moe_lab OptimizedMoEModel, all experts resident", "batch": b, "tps": b * new / s})
-        del fast
+            rows.append({"name": "moe_lab OptimizedMoEModel, all experts resident", "batch": b, "tps": b * new / s})
         half = kw["num_experts"] // 2
         off = OptimizedMoEModel(f"{tmp}/ckpt", max_experts_in_memory=half, dtype=torch.bfloat16)
         ids = prompts[1]
@@ -98,7 +97,6 @@ def main() -> None:
         hit = stats.get("hit_rate", stats.get("expert_cache", {}).get("hit_rate", float("nan"))) if isinstance(stats, dict) else float("nan")
         rows.append({"name": f"moe_lab OptimizedMoEModel, {half}/{kw['num_experts']} experts resident (hit rate {hit:.2f})",
                      "batch": 1, "tps": new / s})
-        del off
         ref_eager = MoEModel(dropout=0.0, **kw).eval()
         ref_eager.load_state_dict(model.state_dict())
         ref_eager.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -106,7 +104,6 @@ def main() -> None:
             generate(ref_eager, ids, max_new_tokens=4, temperature=0)
             s = timed(lambda: generate(ref_eager, ids, max_new_tokens=new, temperature=0), device)
             rows.append({"name": "moe_lab generate() (eager KV cache, reference)", "batch": b, "tps": b * new / s})
-        del ref_eager
     if not args.skip_hf:
         from transformers import MixtralConfig, MixtralForCausalLM
 

@@ -24,6 +24,8 @@ prepends ``<bos>`` and appends ``<eos>``. Text that happens to contain the strin
 
 from __future__ import annotations
 
+import abc
+
 import json
 import logging
 import os
@@ -68,8 +70,8 @@ def _to_id_list(ids: Any) -> List[int]:
     return [int(i) for i in ids]
 
 
-class MoETokenizer:
-    """Base class of moe_lab's tokenizers: the shared Hugging Face-like interface.
+class MoETokenizer(abc.ABC):
+    """Abstract base class of moe_lab's tokenizers: the shared Hugging Face-like interface.
 
     Subclasses implement ``vocab_size``, ``_encode_batch`` (texts to ids, no specials),
     ``_decode_one`` and ``_save_files``/``_from_dir``.
@@ -87,21 +89,25 @@ class MoETokenizer:
 
     # -- to implement ------------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of ids, special tokens included."""
 
+    @abc.abstractmethod
     def _encode_batch(self, texts: List[str]) -> List[List[int]]:
-        raise NotImplementedError
+        """Texts to ids, no special tokens."""
 
+    @abc.abstractmethod
     def _decode_one(self, ids: List[int], skip_special_tokens: bool) -> str:
-        raise NotImplementedError
+        """Ids to text."""
 
     def _save_files(self, directory: Path) -> List[str]:
         return []
 
     @classmethod
+    @abc.abstractmethod
     def _from_dir(cls, directory: Path, config: Dict[str, Any]) -> "MoETokenizer":
-        raise NotImplementedError
+        """Rebuild from the files ``_save_files`` wrote."""
 
     # -- shared interface --------------------------------------------------------------
     @property

@@ -53,6 +53,8 @@ Shape letters: N sorted token rows, D hidden, I intermediate, E experts, C cache
 
 from __future__ import annotations
 
+import abc
+
 import json
 import os
 from collections import OrderedDict
@@ -76,7 +78,7 @@ ExpertPair = Tuple[torch.Tensor, torch.Tensor]  # (w_in [I_in, D], w_out [D, I])
 # ---------------------------------------------------------------------------------------
 
 
-class ExpertStore:
+class ExpertStore(abc.ABC):
     """Where the full weights of every expert live, off the compute device.
 
     ``fetch(layer_idx, expert)`` returns host tensors ``(w_in [I_in, D], w_out [D, I])``.
@@ -84,11 +86,13 @@ class ExpertStore:
 
     num_experts: int
 
+    @abc.abstractmethod
     def fetch(self, layer_idx: int, expert: int) -> ExpertPair:
-        raise NotImplementedError
+        """Host tensors ``(w_in, w_out)`` of one expert."""
 
+    @abc.abstractmethod
     def layer_indices(self) -> List[int]:
-        raise NotImplementedError
+        """The MoE layers this store holds."""
 
     def stats(self) -> Dict[str, Any]:
         return {}
