@@ -319,7 +319,7 @@ def test_asha_stops_the_bad_trial_early(ray_cluster, tmp_path):
 
 
 def test_optuna_search(ray_cluster, tmp_path):
-    pytest.importorskip("optuna")
+    import optuna  # noqa: F401  (a test extra: `make test` installs it)
     res = run_sweep(SMOKE, [f"output_dir={tmp_path}", "name=optuna", "search=optuna", "num_samples=2",
                             "max_concurrent_trials=1"], verbose=0)
     rows = _rows(res.directory)
