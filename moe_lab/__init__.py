@@ -4,7 +4,13 @@
     model = MoEModel(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4)
 """
 
-from .analytics import ExpertMonitor, MonitoringStats, RouterAnalyzer, RoutingAnalysis, TrainingVisualizer
+from .analytics import (
+    ExpertMonitor,
+    MonitoringStats,
+    RouterAnalyzer,
+    RoutingAnalysis,
+    TrainingVisualizer,
+)
 from .config import MoEConfig, TrainingConfig
 from .constants import (
     DEFAULT_EXPERTS_PER_TOKEN,
@@ -21,6 +27,13 @@ from .errors import (
     MoEError,
     RouterError,
 )
+from .inference import DynamicExpertLoader, OptimizedMoEModel
+from .interop import (
+    UnsupportedConversionError,
+    export_hf_mixtral,
+    import_hf_mixtral,
+    upcycle,
+)
 from .model import (
     ExpertChoiceRouter,
     FeedForwardExpert,
@@ -31,8 +44,6 @@ from .model import (
     SwitchRouter,
     TopKRouter,
 )
-from .interop import UnsupportedConversionError, export_hf_mixtral, import_hf_mixtral, upcycle
-from .inference import DynamicExpertLoader, OptimizedMoEModel
 from .parallel import ExpertParallelism
 from .types import (
     ActivationType,

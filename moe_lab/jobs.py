@@ -180,20 +180,26 @@ def _prefix_errors(exc: ConfigError) -> ConfigError:
     return ConfigError(str(exc).replace("JobSpec.", "job: "))
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> Dict[str, Any]:
+    """A YAML file holding a mapping; ConfigError naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping with {expected}")
+    return data
+
+
 def load_job(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> JobSpec:
     """Load and validate a job: a YAML file, or the built-in default job when ``path`` is None."""
     if path is None:
         data: Dict[str, Any] = copy.deepcopy(DEFAULT_JOB)
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"job file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping with sections model/training/data/scaling")
+        data = read_yaml_mapping(path, "job", "sections model/training/data/scaling")
     data = apply_overrides(data, overrides)
     try:
         return JobSpec.from_dict(data)

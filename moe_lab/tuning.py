@@ -52,7 +52,7 @@ from pydantic import Field, PrivateAttr
 
 from .config import _StrictModel
 from .errors import ConfigError
-from .jobs import DEFAULT_JOB, JobSpec, _parse_value, apply_overrides
+from .jobs import DEFAULT_JOB, JobSpec, _parse_value, apply_overrides, read_yaml_mapping
 
 #: distribution names a search-space entry may use
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -468,14 +468,7 @@ def load_sweep(path_or_data: Union[str, os.PathLike, Mapping[str, Any]], overrid
         data = dict(path_or_data)
     else:
         p = Path(path_or_data)
-        if not p.is_file():
-            raise ConfigError(f"sweep file not found: {path_or_data}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path_or_data} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path_or_data} must hold a mapping with base_job, search_space, ...")
+        data = read_yaml_mapping(p, "sweep", "base_job, search_space, ...")
         base_dir = str(p.resolve().parent)
         stem = p.stem
     data = apply_sweep_overrides(data, overrides)

@@ -22,7 +22,12 @@ from .plots import (
     plot_training_curves,
 )
 from .report import write_report
-from .router_analyzer import LayerRoutingStats, RouterAnalyzer, RoutingAnalysis, SpecializationAnalysis
+from .router_analyzer import (
+    LayerRoutingStats,
+    RouterAnalyzer,
+    RoutingAnalysis,
+    SpecializationAnalysis,
+)
 
 __all__ = [
     "ExpertMonitor",

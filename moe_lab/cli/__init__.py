@@ -89,9 +89,11 @@ def main() -> None:
 
 
 # command modules register themselves on `app`
-from . import _train  # noqa: E402,F401
-from . import _distributed  # noqa: E402,F401
-from . import _analyze  # noqa: E402,F401
-from . import _interop  # noqa: E402,F401
-from . import _sweep  # noqa: E402,F401
-from . import _serve  # noqa: E402,F401
+from . import (
+    _analyze,  # noqa: E402,F401
+    _distributed,  # noqa: E402,F401
+    _interop,  # noqa: E402,F401
+    _serve,  # noqa: E402,F401
+    _sweep,  # noqa: E402,F401
+    _train,  # noqa: E402,F401
+)

@@ -21,7 +21,6 @@ import typer
 from ..errors import ConfigError
 from . import app, user_errors
 
-
 #: ServeArgs field -> the CLI flag that sets it (where the names differ)
 _FLAGS = {"num_replicas": "replicas", "num_cpus_per_replica": "num-cpus", "checkpoint": "checkpoint"}
 

@@ -10,6 +10,7 @@ import typer
 
 from . import SetOption, app, user_errors
 
+
 @app.command()
 @user_errors
 def train(
@@ -56,7 +57,12 @@ def evaluate(
     num_samples: Annotated[Optional[int], typer.Option(help="Evaluate on the first N blocks only.")] = None,
 ) -> None:
     """Evaluate a checkpoint: loss, perplexity and routing statistics (JSON on stdout)."""
-    from ..data import build_corpus, load_text_dataset, prepare_moe_dataset, train_eval_split
+    from ..data import (
+        build_corpus,
+        load_text_dataset,
+        prepare_moe_dataset,
+        train_eval_split,
+    )
     from ..training import MoETrainer
 
     model, tok = _load_checkpoint_and_tokenizer(checkpoint)

@@ -25,7 +25,6 @@ prepends ``<bos>`` and appends ``<eos>``. Text that happens to contain the strin
 from __future__ import annotations
 
 import abc
-
 import json
 import logging
 import os

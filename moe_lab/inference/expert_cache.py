@@ -54,7 +54,6 @@ Shape letters: N sorted token rows, D hidden, I intermediate, E experts, C cache
 from __future__ import annotations
 
 import abc
-
 import json
 import os
 from collections import OrderedDict

@@ -43,7 +43,8 @@ from torch import nn
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from .expert_cache import DynamicExpertLoader, SafetensorsExpertStore
-from .generate import KVCache, generate as _generate, pad_batch, sample_next_token, validate_sampling
+from .generate import KVCache, pad_batch, sample_next_token, validate_sampling
+from .generate import generate as _generate
 from .static_decode import StaticDecoder, supports_static_decode
 
 PromptLike = Union[str, Sequence[int]]
@@ -327,7 +328,12 @@ class OptimizedMoEModel:
         from safetensors import SafetensorError, safe_open
 
         from ..model.transformer import MoEModel, RotaryEmbedding
-        from ..training.checkpoint import CONFIG_NAME, ROUTING_STATS, WEIGHTS_NAME, read_json
+        from ..training.checkpoint import (
+            CONFIG_NAME,
+            ROUTING_STATS,
+            WEIGHTS_NAME,
+            read_json,
+        )
 
         for name, v, lo in (("max_experts_in_memory", max_experts_in_memory, 1), ("expert_cache_size", expert_cache_size, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:

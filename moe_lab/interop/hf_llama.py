@@ -25,7 +25,14 @@ from torch import nn
 
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError
-from ._io import PathLike, UnsupportedConversionError, read_config, read_hf_weights, rope_theta_of, unknown_keys
+from ..training.checkpoint import describe_key_mismatch
+from ._io import (
+    PathLike,
+    UnsupportedConversionError,
+    read_config,
+    read_hf_weights,
+    rope_theta_of,
+)
 
 #: transformers defaults for the fields a config.json may leave out
 DENSE_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -179,14 +186,7 @@ def dense_state_dict_from_hf(state: Dict[str, torch.Tensor], config: MoEConfig) 
     # non-persistent buffers some old checkpoints carry
     unexpected = sorted(k for k in set(src) - used if not k.endswith("rotary_emb.inv_freq"))
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {unknown_keys(missing)}")
-        if unexpected:
-            parts.append(f"tensors with no place in moe_lab's layout {unknown_keys(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches {mismatched[:8]}")
-        raise CheckpointError("the dense weights do not match the config: " + "; ".join(parts))
+        raise CheckpointError("the dense weights do not match the config: " + describe_key_mismatch(missing, unexpected, mismatched, "tensors with no place in moe_lab's layout"))
     return out
 
 

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError, InputError
+from ..training.checkpoint import describe_key_mismatch
 from ..types import ActivationType, ExpertType, RouterType
 from ..version import __version__
 from ._io import (
@@ -60,7 +61,6 @@ from ._io import (
     read_hf_weights,
     resolve_dtype,
     rope_theta_of,
-    unknown_keys,
     write_hf_weights,
     write_json,
 )
@@ -542,14 +542,7 @@ def moe_state_dict_from_mixtral(state: Dict[str, torch.Tensor], config: MoEConfi
         put("lm_head.weight", "lm_head.weight", (config.vocab_size, d))
     unexpected = sorted(set(src) - used)
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {unknown_keys(missing)}")
-        if unexpected:
-            parts.append(f"tensors moe_lab's Mixtral layout has no place for {unknown_keys(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches {mismatched[:8]}")
-        raise CheckpointError("the Mixtral weights do not match the config: " + "; ".join(parts))
+        raise CheckpointError("the Mixtral weights do not match the config: " + describe_key_mismatch(missing, unexpected, mismatched, "tensors moe_lab's Mixtral layout has no place for"))
     return out
 
 

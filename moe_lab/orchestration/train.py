@@ -281,7 +281,15 @@ class DistributedMoETrainer(MoETrainer):
 def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = False,
                 address: Optional[str] = None) -> Dict[str, Any]:
     """``moe-lab train``: the job on Ray Train workers (a local embedded cluster by default)."""
-    from ..pipeline import PreparedData, build_model, build_tokenizer, finalize, prepare_data, train_kwargs, trainer_kwargs
+    from ..pipeline import (
+        PreparedData,
+        build_model,
+        build_tokenizer,
+        finalize,
+        prepare_data,
+        train_kwargs,
+        trainer_kwargs,
+    )
 
     out = Path(output_dir or spec.training.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +331,12 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
 
 def _streaming_eval(spec: JobSpec, tokenizer: Any) -> Any:
     """A small held-out set, prepared in the driver (train shards use other seeds)."""
-    from ..data import build_corpus, load_text_dataset, prepare_moe_dataset, train_eval_split
+    from ..data import (
+        build_corpus,
+        load_text_dataset,
+        prepare_moe_dataset,
+        train_eval_split,
+    )
 
     d = spec.data
     if d.dataset == "builtin":

@@ -160,6 +160,25 @@ def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {exc} (the file is truncated or not safetensors)") from None
 
 
+def _key_list(keys: Any, limit: int = 8) -> str:
+    keys = sorted(keys)
+    return f"{keys[:limit]}{' ...' if len(keys) > limit else ''} ({len(keys)} in all)"
+
+
+def describe_key_mismatch(
+    missing: Any, unexpected: Any, mismatched: Any, unexpected_what: str = "unexpected keys"
+) -> str:
+    """``"missing keys [...]; unexpected keys [...]; shape mismatches [...]"`` (only the non-empty parts)."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_key_list(missing)}")
+    if unexpected:
+        parts.append(f"{unexpected_what} {_key_list(unexpected)}")
+    if mismatched:
+        parts.append(f"shape mismatches {list(mismatched)[:8]}")
+    return "; ".join(parts)
+
+
 def load_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
     """Load ``model.safetensors`` into ``model`` strictly; CheckpointError names what is wrong."""
     directory = Path(directory)
@@ -175,14 +194,9 @@ def load_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if mismatched:
-            parts.append(f"shape mismatches {mismatched[:8]}")
-        raise CheckpointError(f"checkpoint {directory} does not match the model: " + "; ".join(parts))
+        raise CheckpointError(
+            f"checkpoint {directory} does not match the model: " + describe_key_mismatch(missing, unexpected, mismatched)
+        )
     model.load_state_dict(state, strict=True)
 
 

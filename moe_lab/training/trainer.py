@@ -36,7 +36,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    runtime_checkable,
+)
 
 import numpy as np
 import torch
@@ -47,13 +58,13 @@ from ..config import TrainingConfig
 from ..constants import IGNORE_INDEX
 from ..errors import ConfigError, DistributedError, InputError
 from .checkpoint import (
+    _scheduler_state_json,
     clean_stale_temporaries,
     latest_checkpoint,
     load_model_state,
     load_training_state,
     prune_checkpoints,
     write_checkpoint,
-    _scheduler_state_json,
 )
 from .fast_paths import apply_fast_paths, lm_loss_sum
 from .runtime import Runtime
@@ -853,6 +864,32 @@ class MoETrainer:
             "global_step": self.global_step,
         }
 
+    def _write(
+        self, path: Path, with_training_state: bool, epoch: int = 0, micro: int = 0,
+        extra_files: Optional[Dict[str, Any]] = None,
+    ) -> Path:
+        """Gather the (possibly sharded) state on every rank; rank 0 writes it atomically."""
+        rt = self.runtime
+        model_state = rt.full_state_dict(self.model)
+        opt_t = opt_m = None
+        if with_training_state and self.optimizer is not None:
+            opt_t, opt_m = rt.full_optimizer_state(self.model, self.optimizer)
+        if rt.is_main:
+            write_checkpoint(
+                path,
+                self.model.config,
+                model_state,
+                opt_t,
+                opt_m,
+                _scheduler_state_json(self.scheduler) if (with_training_state and self.scheduler is not None) else None,
+                self._trainer_state(epoch, micro) if with_training_state else None,
+                self._routing_stats(),
+                tokenizer=self.tokenizer,
+                extra_files=extra_files,
+            )
+        rt.barrier()
+        return path
+
     def save_checkpoint(
         self,
         path: str | os.PathLike,
@@ -865,51 +902,13 @@ class MoETrainer:
 
         ``metrics`` travel with the checkpoint report to the launcher (Ray Train);
         ``extra_files`` are JSON files written into the checkpoint."""
-        rt = self.runtime
-        model_state = rt.full_state_dict(self.model)
-        opt_t = opt_m = None
-        if self.optimizer is not None:
-            opt_t, opt_m = rt.full_optimizer_state(self.model, self.optimizer)
-        path = Path(path)
-        if rt.is_main:
-            write_checkpoint(
-                path,
-                self.model.config,
-                model_state,
-                opt_t,
-                opt_m,
-                _scheduler_state_json(self.scheduler) if self.scheduler is not None else None,
-                self._trainer_state(epoch, micro),
-                self._routing_stats(),
-                tokenizer=self.tokenizer,
-                extra_files=extra_files,
-            )
-        rt.barrier()
-        rt.report({"step": self.global_step, **(metrics or {})}, str(path))
+        path = self._write(Path(path), True, epoch, micro, extra_files)
+        self.runtime.report({"step": self.global_step, **(metrics or {})}, str(path))
         return path
 
     def save_model(self, path: str | os.PathLike, save_optimizer: bool = True) -> Path:
         """Save the model (and, by default, optimiser/scheduler/trainer state) to ``path``."""
-        rt = self.runtime
-        model_state = rt.full_state_dict(self.model)
-        opt_t = opt_m = None
-        if save_optimizer and self.optimizer is not None:
-            opt_t, opt_m = rt.full_optimizer_state(self.model, self.optimizer)
-        path = Path(path)
-        if rt.is_main:
-            write_checkpoint(
-                path,
-                self.model.config,
-                model_state,
-                opt_t,
-                opt_m,
-                _scheduler_state_json(self.scheduler) if (save_optimizer and self.scheduler is not None) else None,
-                self._trainer_state(0, 0) if save_optimizer else None,
-                self._routing_stats(),
-                tokenizer=self.tokenizer,
-            )
-        rt.barrier()
-        return path
+        return self._write(Path(path), save_optimizer)
 
     def _resume(self, path: Path) -> Tuple[int, int]:
         if not path.is_dir():
