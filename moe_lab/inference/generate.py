@@ -13,7 +13,7 @@ Shape letters: B batch, S prompt length, Hkv key/value heads, Dh head dim, V voc
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -143,18 +143,43 @@ def _generate_iter(
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
     cache = KVCache.for_model(model, b, total)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
     logits = model(input_ids, attention_mask=mask, kv_cache=cache)[:, -1]  # [B, V]
-    for _ in range(max_new_tokens):
-        nxt = sample_next_token(logits, temperature, top_p, top_k, do_sample, gen)  # [B]
+
+    def step(nxt: torch.Tensor) -> torch.Tensor:
+        nonlocal mask
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
+        return model(nxt.unsqueeze(1), attention_mask=mask, kv_cache=cache)[:, -1]
+
+    yield from decode_loop(logits, step, max_new_tokens, temperature, top_p, top_k, do_sample, eos_token_id, gen, pad_token_id)
+
+
+def decode_loop(
+    logits_BV: torch.Tensor,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: Optional[int],
+    do_sample: bool,
+    eos_token_id: Optional[int],
+    generator: Optional[torch.Generator],
+    pad_token_id: int,
+) -> Iterator[torch.Tensor]:
+    """The decoding loop every decoder shares: sample, pad finished rows, yield ``[B]``, step.
+
+    ``step(tokens_B)`` feeds the chosen tokens and returns the next logits ``[B, V]``; it is
+    not called after the last token or once every row has hit ``eos_token_id``.
+    """
+    finished = torch.zeros(logits_BV.shape[0], dtype=torch.bool, device=logits_BV.device)
+    for i in range(max_new_tokens):
+        nxt = sample_next_token(logits_BV, temperature, top_p, top_k, do_sample, generator)  # [B]
         if eos_token_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             finished |= nxt == eos_token_id
         yield nxt
-        if eos_token_id is not None and bool(finished.all()):
+        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             return
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(nxt.unsqueeze(1), attention_mask=mask, kv_cache=cache)[:, -1]
+        logits_BV = step(nxt)
 
 
 def generate(

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import InputError
 from ..model.experts import grouped_mm_supported
 from ..types import RouterType
-from .generate import pad_batch, sample_next_token, validate_sampling
+from .generate import decode_loop, pad_batch, validate_sampling
 
 
 def resident_experts(experts: nn.Module) -> Optional[nn.Module]:
@@ -223,16 +223,8 @@ class StaticDecoder:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         logits = self.prefill(input_ids, mask)
-        finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-        for i in range(max_new_tokens):
-            nxt = sample_next_token(logits, temperature, top_p, top_k, do_sample, gen)
-            if eos_token_id is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-                finished |= nxt == eos_token_id
-            yield nxt
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-                return
-            logits = self.step(nxt)
+        yield from decode_loop(logits, self.step, max_new_tokens, temperature, top_p, top_k, do_sample,
+                               eos_token_id, gen, pad_token_id)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``[B, S + new]``: the prompts followed by the generated tokens."""

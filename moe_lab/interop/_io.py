@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -173,3 +173,15 @@ def rope_theta_of(raw: Dict[str, Any], default: float, problems: List[str]) -> f
 def unknown_keys(keys: Iterable[str], limit: int = 8) -> str:
     keys = sorted(keys)
     return f"{keys[:limit]}{' ...' if len(keys) > limit else ''} ({len(keys)} in all)"
+
+
+def put_attention_and_norms(put: Callable[[str, str, tuple], None], layer: int, d: int, q_out: int, kv_out: int) -> None:
+    """Map one decoder layer's attention projections and norms from the transformers
+    Llama/Mixtral names to moe_lab's (``put(moe_lab_name, hf_name, expected_shape)``)."""
+    p = f"layers.{layer}."
+    put(f"{p}attn.q_proj.weight", f"{p}self_attn.q_proj.weight", (q_out, d))
+    put(f"{p}attn.k_proj.weight", f"{p}self_attn.k_proj.weight", (kv_out, d))
+    put(f"{p}attn.v_proj.weight", f"{p}self_attn.v_proj.weight", (kv_out, d))
+    put(f"{p}attn.o_proj.weight", f"{p}self_attn.o_proj.weight", (d, q_out))
+    put(f"{p}input_norm.weight", f"{p}input_layernorm.weight", (d,))
+    put(f"{p}post_attn_norm.weight", f"{p}post_attention_layernorm.weight", (d,))

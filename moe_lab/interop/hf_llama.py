@@ -29,6 +29,7 @@ from ..training.checkpoint import describe_key_mismatch
 from ._io import (
     PathLike,
     UnsupportedConversionError,
+    put_attention_and_norms,
     read_config,
     read_hf_weights,
     rope_theta_of,
@@ -167,12 +168,7 @@ def dense_state_dict_from_hf(state: Dict[str, torch.Tensor], config: MoEConfig) 
     put("embed_tokens.weight", "embed_tokens.weight", (config.vocab_size, d))
     for i in range(config.num_layers):
         p = f"layers.{i}."
-        put(f"{p}attn.q_proj.weight", f"{p}self_attn.q_proj.weight", (q_out, d))
-        put(f"{p}attn.k_proj.weight", f"{p}self_attn.k_proj.weight", (kv_out, d))
-        put(f"{p}attn.v_proj.weight", f"{p}self_attn.v_proj.weight", (kv_out, d))
-        put(f"{p}attn.o_proj.weight", f"{p}self_attn.o_proj.weight", (d, q_out))
-        put(f"{p}input_norm.weight", f"{p}input_layernorm.weight", (d,))
-        put(f"{p}post_attn_norm.weight", f"{p}post_attention_layernorm.weight", (d,))
+        put_attention_and_norms(put, i, d, q_out, kv_out)
         gate = take(f"{p}mlp.gate_proj.weight", (inner, d))
         up = take(f"{p}mlp.up_proj.weight", (inner, d))
         if gate is not None and up is not None:

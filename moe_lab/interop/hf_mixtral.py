@@ -57,6 +57,7 @@ from ._io import (
     PathLike,
     UnsupportedConversionError,
     dtype_name,
+    put_attention_and_norms,
     read_config,
     read_hf_weights,
     resolve_dtype,
@@ -510,12 +511,7 @@ def moe_state_dict_from_mixtral(state: Dict[str, torch.Tensor], config: MoEConfi
     put("embed_tokens.weight", "embed_tokens.weight", (config.vocab_size, d))
     for i in range(config.num_layers):
         p = f"layers.{i}."
-        put(f"{p}attn.q_proj.weight", f"{p}self_attn.q_proj.weight", (q_out, d))
-        put(f"{p}attn.k_proj.weight", f"{p}self_attn.k_proj.weight", (kv_out, d))
-        put(f"{p}attn.v_proj.weight", f"{p}self_attn.v_proj.weight", (kv_out, d))
-        put(f"{p}attn.o_proj.weight", f"{p}self_attn.o_proj.weight", (d, q_out))
-        put(f"{p}input_norm.weight", f"{p}input_layernorm.weight", (d,))
-        put(f"{p}post_attn_norm.weight", f"{p}post_attention_layernorm.weight", (d,))
+        put_attention_and_norms(put, i, d, q_out, kv_out)
         put(f"{p}mlp.router.gate.weight", f"{p}mlp.gate.weight", (num_e, d))
         if f"{p}mlp.experts.gate_up_proj" in src or f"{p}mlp.experts.down_proj" in src:  # fused (v5)
             put(f"{p}mlp.experts.w_in", f"{p}mlp.experts.gate_up_proj", (num_e, 2 * num_i, d))

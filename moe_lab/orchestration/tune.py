@@ -48,6 +48,7 @@ from ..errors import ConfigError
 from ..jobs import JobSpec
 from ..tuning import (
     BEST_JOB,
+    REPORTED_METRICS,
     RESULTS_CSV,
     ROUTER_PLOT,
     SWEEP_FILE,
@@ -63,15 +64,7 @@ logger = logging.getLogger(__name__)
 #: router order in tables and plots
 ROUTER_ORDER = ("top_k", "switch", "expert_choice")
 #: metric columns of the results table (after the sampled parameters)
-METRIC_COLUMNS = (
-    "eval_loss",
-    "eval_perplexity",
-    "eval_load_imbalance",
-    "eval_dropped_fraction",
-    "eval_dead_expert_fraction",
-    "train_loss",
-    "tokens_per_s",
-)
+METRIC_COLUMNS = tuple(m for m in REPORTED_METRICS if m not in ("load_imbalance", "dropped_fraction"))
 
 
 # ---------------------------------------------------------------------------------------
