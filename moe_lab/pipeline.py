@@ -74,11 +74,11 @@ def prepare_data(spec: JobSpec, tokenizer: Any = None) -> PreparedData:
     label = d.label_column if d.label_column and d.label_column in raw_train.column_names else None
     train, tstats = prepare_moe_dataset(
         raw_train, tokenizer, max_length=d.max_length, num_proc=d.num_proc, text_column=d.text_column,
-        label_column=label or "domain", return_stats=True,
+        label_column=label, return_stats=True,
     )
     evald, estats = prepare_moe_dataset(
         raw_eval, tokenizer, max_length=d.max_length, num_proc=d.num_proc, text_column=d.text_column,
-        label_column=label or "domain", return_stats=True,
+        label_column=label, return_stats=True,
     )
     stats = {"train": vars(tstats), "eval": vars(estats)}
     return PreparedData(train, evald, tokenizer, stats)
@@ -193,13 +193,17 @@ def finalize(
         summary["parameters"] = {"total": model.num_parameters(), "active": model.num_parameters(active_only=True)}
     summary.update(extra or {})
     history = result.get("history") or {}
-    if history.get("loss"):
-        plot_training_curves(history, save_path=str(out / "loss_curve.png"), baseline=baseline)
+    if history.get("loss"):  # the loss against the baseline, and routing health
+        curves = {k: history[k] for k in LOSS_CURVE_SERIES if history.get(k)}
+        plot_training_curves(curves, save_path=str(out / "loss_curve.png"), baseline=baseline)
     if spec.analyze and result.get("checkpoint_path"):
         summary["report"] = write_job_report(spec, out, Path(result["checkpoint_path"]), data)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
+
+#: the history series that ``loss_curve.png`` plots
+LOSS_CURVE_SERIES = ("step", "loss", "eval_step", "eval_loss", "load_imbalance", "dropped_fraction")
 
 #: eval blocks the end-of-training report routes (a few seconds on a laptop CPU)
 REPORT_SAMPLES = 256

@@ -3,14 +3,23 @@
     from moe_lab.analytics import TrainingVisualizer
     viz = TrainingVisualizer()
     viz.plot_training_curves(history, save_path="curves.png")        # loss (+ routing health)
+    viz.plot_training_curves({"train_loss": [3.0, 2.5, 2.0], "eval_loss": [2.8, 2.4],
+                              "accuracy": [0.1, 0.3, 0.4]})           # any {name: [numbers]}
     viz.plot_expert_utilization(analysis, save_path="util.png")      # share of tokens per expert
+    viz.plot_expert_utilization({0: 0.5, 1: 0.25, 3: 0.25})          # one layer: {expert_id: share}
     viz.plot_routing_heatmap(analysis.heatmap, save_path="heat.png")  # [MoE layers, experts]
     viz.plot_specialization(spec, save_path="spec.png")              # experts x labels
     fig = viz.plot_routing_heatmap(analysis.heatmap)                   # no save_path: the Figure
 
 Each function takes plain data (or the dataclasses of :mod:`moe_lab.analytics`), draws one
 figure with a title and labelled axes, and either saves it as PNG to ``save_path``
-(returning the path as a string) or returns the :class:`matplotlib.figure.Figure`.
+(returning the path as a string) or returns the :class:`matplotlib.figure.Figure`. Input it
+cannot plot raises :class:`~moe_lab.errors.InputError` naming the bad key or value.
+
+Training curves: every series whose name contains ``loss`` shares one panel, other metrics
+get a panel each; ``P_*`` series are drawn against ``P_step`` / ``step`` when the history has
+it (as ``metrics.jsonl`` does), else spread over the same x range (see
+:func:`plot_training_curves`).
 
 Figures are built with the object API on an Agg canvas, never through ``pyplot``: nothing
 here changes the process-wide matplotlib backend or keeps figures alive in pyplot's registry,
@@ -22,9 +31,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import InputError
 
@@ -62,8 +72,8 @@ def _as_matrix(data: Any, name: str) -> List[List[float]]:
         data = data.tolist()
     try:
         rows = [[float(x) for x in row] for row in data]
-    except TypeError:
-        raise InputError(f"{name} must be 2-D (rows of numbers), got {type(data).__name__}") from None
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be 2-D (rows of numbers), got {type(data).__name__}: {data!r:.60}") from None
     if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
         raise InputError(f"{name} must be a non-empty rectangular 2-D array, got row lengths {[len(r) for r in rows]}")
     return rows
@@ -108,49 +118,170 @@ def load_metrics_history(metrics_path: PathLike) -> Dict[str, List[float]]:
     return history
 
 
+#: x-axis keys of a history (never plotted as metrics): ``step`` for train series and
+#: ``<prefix>_step`` (e.g. ``eval_step``) for the series named ``<prefix>_*``
+STEP_KEY = "step"
+#: series with these prefixes are never drawn against the train ``step`` key
+EVAL_PREFIXES = ("eval_", "val_", "valid_", "test_")
+#: series drawn together on the "Routing health" panel (as the trainer logs them)
+ROUTING_KEYS = ("load_imbalance", "dropped_fraction")
+_ROUTING_STYLE = {"load_imbalance": ("tab:red", "expert load max/mean"),
+                  "dropped_fraction": ("tab:purple", "dropped fraction")}
+#: loss series whose unit is nats/token (the loss panel's y label says so when only these appear)
+_NATS_LOSSES = {"loss", "train_loss", "eval_loss", "lm_loss", "val_loss", "test_loss"}
+
+
+def _number(v: Any) -> Optional[float]:
+    """``float(v)`` for a real number (Python, numpy or a one-element tensor), else None (bools too)."""
+    if hasattr(v, "ndim") and hasattr(v, "item") and v.ndim == 0:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return None
+    return float(v)
+
+
+def _as_series(values: Any, key: str) -> List[float]:
+    """A list of floats from a list / tuple / 1-D array or tensor; ``None`` entries become NaN (gaps)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().tolist()
+    elif hasattr(values, "tolist"):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise InputError(f"history[{key!r}] must be a list of numbers, got {type(values).__name__}: {values!r:.60}")
+    out = []
+    for i, v in enumerate(values):
+        x = math.nan if v is None else _number(v)
+        if x is None:
+            raise InputError(f"history[{key!r}] must be a list of numbers, but item {i} is {type(v).__name__} {v!r:.40}")
+        out.append(x)
+    return out
+
+
+def _step_keys(history: Mapping[str, Any]) -> List[str]:
+    """The keys that are x axes: ``step``, ``eval_step`` and any ``P_step`` with a ``P_*`` series."""
+    keys = []
+    for k in history:
+        if k in (STEP_KEY, "eval_step"):
+            keys.append(k)
+        elif k.endswith("_step") and any(o != k and o.startswith(k[:-4]) for o in history):
+            keys.append(k)
+    return keys
+
+
+def _x_key(name: str, step_keys: Sequence[str]) -> Optional[str]:
+    """The step key of series ``name``: the longest matching ``P_step``, else ``step`` (not for eval series)."""
+    prefixed = [k for k in step_keys if k != STEP_KEY and name.startswith(k[:-4])]
+    if prefixed:
+        return max(prefixed, key=len)
+    if name.startswith(EVAL_PREFIXES) or STEP_KEY not in step_keys:
+        return None
+    return STEP_KEY
+
+
+def _curve_label(name: str) -> str:
+    return "train loss" if name == "loss" else name.replace("_", " ")
+
+
 def plot_training_curves(
     history: Dict[str, List[float]], save_path: Optional[str] = None, baseline: Optional[float] = None
 ) -> Any:
-    """Train (and eval) loss against step; optional horizontal baseline (e.g. unigram entropy).
+    """Every series of ``history`` against step: losses on one panel, each other metric on its own.
 
-    ``history`` holds lists: ``step`` + ``loss`` (+ ``eval_step`` + ``eval_loss``,
-    ``load_imbalance``, ``dropped_fraction``, ``lr``). With ``load_imbalance`` a second panel
-    shows routing health. :func:`load_metrics_history` builds it from ``metrics.jsonl``.
+    Panels: every series whose name contains ``loss`` (``loss``, ``train_loss``, ``eval_loss``,
+    ``aux_loss``...) shares the first panel, with the optional horizontal ``baseline`` (e.g.
+    the unigram entropy); ``load_imbalance`` and ``dropped_fraction`` share a "Routing health"
+    panel; any other key (``lr``, ``accuracy``...) gets a panel of its own. Empty series are
+    skipped.
+
+    x axis: a series ``P_name`` is drawn against ``P_step`` when the history has it (e.g.
+    ``eval_loss`` against ``eval_step``), any other series against ``step``, as the trainer and
+    :func:`load_metrics_history` write them; ``eval_*`` (``val_*``, ``test_*``) series never
+    use ``step``. A series without such a key (or whose step key has a different length) is
+    spread evenly over the x range of the others (first and last points aligned; one value
+    sits at the end), so curves of different lengths, e.g. ``{"train_loss": [3, 2.5, 2],
+    "eval_loss": [2.8, 2.4]}``, cover the same span. With no step keys at all that range is
+    the index ``0..n-1`` of the longest series.
+
+    Args:
+        history: ``{name: [numbers]}`` (lists, tuples, 1-D arrays or tensors; ``None`` items
+            are gaps), e.g. from :func:`load_metrics_history` or ``TrainingResult.history``.
+        save_path: PNG path; None returns the figure.
+        baseline: a loss drawn as a dashed horizontal line on the loss panel.
+
+    Raises:
+        InputError: ``history`` is not a dict, has no non-empty series besides step keys, has
+            a non-string key or a series that is not a list of numbers (the message names it).
     """
     if not isinstance(history, Mapping):
         raise InputError(f"history must be a dict of lists (step, loss, ...), got {type(history).__name__}")
-    if not history.get("loss") and not history.get("eval_loss"):
-        raise InputError(f"history has no 'loss' or 'eval_loss' values; its keys are {sorted(history)}")
-    steps = history.get("step") or list(range(1, len(history.get("loss", [])) + 1))
-    has_routing = bool(history.get("load_imbalance"))
-    fig = _new_figure(11 if has_routing else 6.5, 4.2)
-    axes = fig.subplots(1, 2) if has_routing else [fig.subplots(1, 1)]
-    ax = axes[0]
-    if history.get("loss"):
-        ax.plot(steps, history["loss"], label="train loss", color="tab:blue")
-    if history.get("eval_loss"):
-        ax.plot(history.get("eval_step", steps[: len(history["eval_loss"])]), history["eval_loss"], "o-",
-                label="eval loss", color="tab:orange")
+    for k in history:
+        if not isinstance(k, str):
+            raise InputError(f"history keys must be metric names (str), got {type(k).__name__} {k!r}")
     if baseline is not None:
-        ax.axhline(baseline, ls="--", color="gray", label=f"unigram baseline ({baseline:.2f})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Training curves")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if has_routing:
-        ax2 = axes[1]
-        ax2.plot(steps[: len(history["load_imbalance"])], history["load_imbalance"], color="tab:red",
-                 label="expert load max/mean")
-        if history.get("dropped_fraction"):
-            ax2.plot(steps[: len(history["dropped_fraction"])], history["dropped_fraction"], color="tab:purple",
-                     label="dropped fraction")
-        ax2.axhline(1.0, ls=":", color="gray")
-        ax2.set_xlabel("optimizer step")
-        ax2.set_ylabel("ratio")
-        ax2.set_title("Routing health (mean over MoE layers)")
-        ax2.grid(alpha=0.3)
-        ax2.legend()
+        if _number(baseline) is None:
+            raise InputError(f"baseline must be a number (a loss), got {type(baseline).__name__} {baseline!r}")
+        baseline = _number(baseline)
+    if not history:
+        raise InputError("history is empty; expected {name: [numbers]}, e.g. {'loss': [3.0, 2.5]}")
+    data = {k: _as_series(v, k) for k, v in history.items()}
+    step_keys = _step_keys(history)
+    series = {k: v for k, v in data.items() if k not in step_keys and v}
+    if not series:
+        only_x = f" (step keys {step_keys} are only x axes)" if step_keys else ""
+        raise InputError(f"history has no 'loss' or other non-empty metric series to plot{only_x}; expected "
+                         f"{{name: [numbers]}}, its keys are {sorted(history)}")
+
+    xs: Dict[str, Optional[List[float]]] = {}
+    for name, ys in series.items():
+        key = _x_key(name, step_keys)
+        xs[name] = data[key] if key is not None and len(data[key]) == len(ys) else None
+    aligned = [x for v in xs.values() if v is not None for x in v if not math.isnan(x)]
+    lo, hi = (min(aligned), max(aligned)) if aligned else (0.0, float(max(len(v) for v in series.values()) - 1))
+    for name, ys in series.items():
+        if xs[name] is None:
+            n = len(ys)
+            xs[name] = [hi] if n == 1 else [lo + i * (hi - lo) / (n - 1) for i in range(n)]
+
+    losses = [k for k in series if "loss" in k.lower()]
+    routing = [k for k in ROUTING_KEYS if k in series]
+    others = [k for k in series if k not in losses and k not in routing]
+    panels = ([("loss", losses)] if losses else []) + ([("routing", routing)] if routing else []) \
+        + [("metric", [k]) for k in others]
+    cols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / cols)
+    fig = _new_figure(6.5 if cols == 1 else 5.5 * cols, 4.2 * nrows)
+    if aligned:
+        xlabel = "optimizer step"
+    else:
+        same = len({len(v) for v in series.values()}) == 1
+        xlabel = "index" if same else "index (shorter series spread over the same range)"
+    for i, (kind, names) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        if kind == "loss":
+            for name in names:
+                style = "o-" if name.startswith(EVAL_PREFIXES) or len(series[name]) == 1 else "-"
+                ax.plot(xs[name], series[name], style, label=_curve_label(name))
+            if baseline is not None:
+                ax.axhline(baseline, ls="--", color="gray", label=f"unigram baseline ({baseline:.2f})")
+            ax.set_ylabel("loss (nats/token)" if set(losses) <= _NATS_LOSSES else "loss")
+            ax.set_title("Training curves")
+        elif kind == "routing":
+            for name in names:
+                color, label = _ROUTING_STYLE[name]
+                ax.plot(xs[name], series[name], "o-" if len(series[name]) == 1 else "-", color=color, label=label)
+            ax.axhline(1.0, ls=":", color="gray")
+            ax.set_ylabel("ratio")
+            ax.set_title("Routing health (mean over MoE layers)")
+        else:
+            name = names[0]
+            style = "o-" if name.startswith(EVAL_PREFIXES) or len(series[name]) == 1 else "-"
+            ax.plot(xs[name], series[name], style, label=_curve_label(name))
+            ax.set_ylabel(name)
+            ax.set_title(_curve_label(name))
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if kind != "metric":
+            ax.legend()
     return _finish(fig, save_path)
 
 
@@ -159,8 +290,8 @@ def plot_training_curves(
 # ---------------------------------------------------------------------------------------
 
 
-def _utilization_rows(data: Any) -> Dict[str, List[float]]:
-    """``{layer name: expert counts or fractions}`` from any accepted utilisation input."""
+def _utilization_rows(data: Any) -> Dict[str, Tuple[List[str], List[float]]]:
+    """``{panel name: (expert tick labels, counts or shares)}`` from any accepted utilisation input."""
     if hasattr(data, "to_dict") and not isinstance(data, Mapping):
         data = data.to_dict()
     if isinstance(data, Mapping) and "layers" in data and isinstance(data["layers"], list):
@@ -169,27 +300,66 @@ def _utilization_rows(data: Any) -> Dict[str, List[float]]:
             values = lay.get("expert_counts") or lay.get("expert_fractions")
             if values is None:
                 raise InputError(f"utilization layer entry has no 'expert_counts'; keys: {sorted(lay)}")
-            rows[f"layer {lay.get('layer', len(rows))}"] = [float(v) for v in values]
+            name = f"layer {lay.get('layer', len(rows))}"
+            rows[name] = _numbered(_flat(values, name))
         if not rows:
             raise InputError("utilization data has no layers")
         return rows
     if isinstance(data, Mapping):
         if not data:
-            raise InputError("utilization data is empty")
-        return {(f"layer {k}" if isinstance(k, int) else str(k)): [float(v) for v in _flat(vals)]
+            raise InputError("utilization data is empty; expected {expert_id: share} or {layer: [count per expert]}")
+        scalar = [k for k, v in data.items() if _number(v) is not None]
+        if len(scalar) == len(data):
+            return {"": _single_layer(data)}
+        if scalar:
+            lists = [k for k in data if k not in scalar]
+            raise InputError(
+                f"utilization_data mixes per-expert numbers (key {scalar[0]!r}: {data[scalar[0]]!r}) and per-layer "
+                f"lists (key {lists[0]!r}); expected {{expert_id: share}} (one layer) or {{layer: [count per expert]}}")
+        return {(f"layer {k}" if isinstance(k, int) else str(k)): _numbered(_flat(vals, f"layer {k!r}"))
                 for k, vals in data.items()}
+    if hasattr(data, "detach"):
+        data = data.detach().cpu().double().tolist()
+    elif hasattr(data, "tolist"):
+        data = data.tolist()
+    if isinstance(data, Sequence) and data and all(_number(v) is not None for v in data):
+        return {"": _numbered(_flat(data, "utilization_data"))}  # one layer: [count per expert]
     matrix = _as_matrix(data, "utilization_data")
-    return {f"MoE layer {i}": row for i, row in enumerate(matrix)}
+    return {f"MoE layer {i}": _numbered(_flat(row, f"row {i}")) for i, row in enumerate(matrix)}
 
 
-def _flat(values: Any) -> List[float]:
+def _numbered(values: List[float]) -> Tuple[List[str], List[float]]:
+    """Tick labels ``0..E-1`` for a list of per-expert values."""
+    return [str(i) for i in range(len(values))], values
+
+
+def _single_layer(data: Mapping[Any, Any]) -> Tuple[List[str], List[float]]:
+    """``{expert_id: count or share}`` -> (ids as tick labels, values), sorted by expert id."""
+    for k in data:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise InputError(f"utilization_data {{expert_id: share}} needs int expert ids, got {type(k).__name__} {k!r}")
+    ids = sorted(data, key=int)
+    return [str(int(e)) for e in ids], _flat([data[e] for e in ids], "utilization_data", ids=ids)
+
+
+def _flat(values: Any, where: str, ids: Optional[Sequence[Any]] = None) -> List[float]:
+    """Per-expert counts or shares of ``where`` as floats; each must be a finite number >= 0."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().double().tolist()
     elif hasattr(values, "tolist"):
         values = values.tolist()
     if not isinstance(values, Sequence) or isinstance(values, str):
-        raise InputError(f"expected a list of per-expert numbers, got {type(values).__name__}")
-    return [float(v) for v in values]
+        raise InputError(f"{where}: expected a list of per-expert numbers, got {type(values).__name__}")
+    if not values:
+        raise InputError(f"{where}: expected a list of per-expert numbers, got an empty list")
+    out = []
+    for i, v in enumerate(values):
+        x = _number(v)
+        if x is None or not math.isfinite(x) or x < 0:
+            expert = ids[i] if ids is not None else i
+            raise InputError(f"{where}: expert {expert} has {v!r}; expected a token count or share (a finite number >= 0)")
+        out.append(x)
+    return out
 
 
 def plot_expert_utilization(
@@ -200,25 +370,33 @@ def plot_expert_utilization(
 ) -> Any:
     """One bar panel per MoE layer: each expert's share of the layer's routed tokens.
 
-    A dashed line marks the uniform share ``1/E``; overloaded experts (share above
-    ``overload_factor / E``) are red, dead experts (no tokens) get a grey "dead" mark.
+    Values may be token counts or shares: each panel is normalised to sum to 1, so
+    ``{0: 50, 1: 25, 3: 25}`` and ``{0: 0.5, 1: 0.25, 3: 0.25}`` draw the same bars. A dashed
+    line marks the uniform share ``1/E`` (``E``: the experts drawn); overloaded experts (share
+    above ``overload_factor / E``) are red, dead experts (no tokens) get a grey "dead" mark.
 
     Args:
-        utilization_data: a :class:`RoutingAnalysis` or :class:`MonitoringStats` (or their
-            ``to_dict()``), ``{layer: [count per expert]}``, or a [layers, experts] tensor /
-            nested list of counts or fractions (each row is normalised).
+        utilization_data: ``{expert_id: share or count}`` (one layer; ids need not be
+            contiguous and label the bars), a list / 1-D tensor of counts (one layer), a
+            :class:`RoutingAnalysis` or :class:`MonitoringStats` (or their ``to_dict()``),
+            ``{layer: [count per expert]}``, or a [layers, experts] tensor / nested list of
+            counts or fractions.
         save_path: PNG path; None returns the figure.
+
+    Raises:
+        InputError: empty data, non-int expert ids, a mix of numbers and lists, or a value that
+            is not a finite number >= 0 (the message names the layer and expert).
     """
     rows = _utilization_rows(utilization_data)
     num_layers = len(rows)
     cols = min(num_layers, 4)
     nrows = math.ceil(num_layers / cols)
-    num_experts = max(len(v) for v in rows.values())
+    num_experts = max(len(v) for _, v in rows.values())
     fig = _new_figure(max(4.2 * cols, 0.35 * num_experts * cols + 1), 3.1 * nrows + 0.4)
     axes = fig.subplots(nrows, cols, squeeze=False, sharey=True)
     for ax in axes.flat[num_layers:]:
         ax.set_visible(False)
-    for ax, (name, values) in zip(axes.flat, rows.items()):
+    for ax, (name, (ids, values)) in zip(axes.flat, rows.items()):
         total = sum(values)
         shares = [v / total if total > 0 else 0.0 for v in values]
         e = len(values)
@@ -232,6 +410,7 @@ def plot_expert_utilization(
         ax.set_title(name)
         ax.set_xlabel("expert")
         ax.set_xticks(range(e))
+        ax.set_xticklabels(ids)
         ax.grid(axis="y", alpha=0.3)
     for r in range(nrows):
         axes[r][0].set_ylabel("share of routed tokens")
@@ -431,13 +610,13 @@ class TrainingVisualizer:
     def plot_training_curves(
         self, history: Any, save_path: Optional[PathLike] = None, baseline: Optional[float] = None
     ) -> Any:
-        """Loss curves (+ routing health). ``history``: dict of lists or a metrics.jsonl path."""
+        """Loss panel + a panel per other metric; ``history``: ``{name: [numbers]}`` or a metrics.jsonl path."""
         if isinstance(history, (str, os.PathLike)):
             history = load_metrics_history(history)
         return self._save(plot_training_curves(history, None, baseline=baseline), save_path)
 
     def plot_expert_utilization(self, utilization_data: Any, save_path: Optional[PathLike] = None, **kwargs: Any) -> Any:
-        """Share of routed tokens per expert, one panel per layer (see :func:`plot_expert_utilization`)."""
+        """Share of routed tokens per expert, a panel per layer; ``{expert_id: share}`` is one layer."""
         return self._save(plot_expert_utilization(utilization_data, None, **kwargs), save_path)
 
     def plot_routing_heatmap(self, heatmap: Any, save_path: Optional[PathLike] = None, **kwargs: Any) -> Any:

@@ -92,3 +92,155 @@ def test_bad_plot_inputs():
         plot_specialization([])
     with pytest.raises(InputError, match="layer_labels"):
         plot_routing_heatmap(COUNTS, layer_labels=[0])
+
+
+# --- training curves: any {name: [numbers]} ----------------------------------------------
+
+
+def _axis(fig, title):
+    axes = [ax for ax in fig.axes if ax.get_title() == title]
+    assert len(axes) == 1, f"no single axis titled {title!r}: {[ax.get_title() for ax in fig.axes]}"
+    return axes[0]
+
+
+def _lines(ax):
+    """{label: (x, y)} of the data lines of ``ax`` (horizontal reference lines left out)."""
+    return {l.get_label(): (list(l.get_xdata()), list(l.get_ydata()))
+            for l in ax.get_lines() if not l.get_label().startswith(("_", "unigram"))}
+
+
+def test_training_curves_of_different_lengths_share_the_loss_panel(tmp_path):
+    history = {"train_loss": [3.0, 2.5, 2.0], "eval_loss": [2.8, 2.4]}
+    path = tmp_path / "curves.png"
+    assert plot_training_curves(history, save_path=str(path)) == str(path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert TrainingVisualizer(dpi=60).plot_training_curves(history, tmp_path / "v.png") == str(tmp_path / "v.png")
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+    fig = plot_training_curves(history)
+    assert len(fig.axes) == 1
+    lines = _lines(_axis(fig, "Training curves"))
+    assert sorted(lines) == ["eval loss", "train loss"]
+    assert lines["train loss"] == ([0, 1, 2], [3.0, 2.5, 2.0])
+    # no step keys: the shorter series is spread over the same range (first and last points aligned)
+    assert lines["eval loss"] == ([0, 2], [2.8, 2.4])
+
+
+def test_every_loss_named_series_shares_one_panel_and_other_metrics_get_their_own():
+    history = {"step": [10, 20, 30, 40], "loss": [4.0, 3.0, 2.5, 2.2], "lm_loss": [3.9, 2.9, 2.4, 2.1],
+               "aux_loss": [0.1, 0.1, 0.1, 0.1], "lr": [1e-3, 1e-3, 5e-4, 1e-4],
+               "eval_step": [20, 40], "eval_loss": [3.1, 2.4], "accuracy": [0.1, 0.2, 0.3, 0.4]}
+    fig = plot_training_curves(history)
+    assert sorted(ax.get_title() for ax in fig.axes) == ["Training curves", "accuracy", "lr"]
+    lines = _lines(_axis(fig, "Training curves"))
+    assert sorted(lines) == ["aux loss", "eval loss", "lm loss", "train loss"]  # step keys are not curves
+    assert lines["aux loss"] == ([10, 20, 30, 40], history["aux_loss"])
+    assert lines["eval loss"] == ([20, 40], history["eval_loss"])  # eval_* against eval_step
+    assert _lines(_axis(fig, "accuracy")) == {"accuracy": ([10, 20, 30, 40], history["accuracy"])}
+    assert _lines(_axis(fig, "lr")) == {"lr": ([10, 20, 30, 40], history["lr"])}
+
+
+def test_unknown_metric_alone_gets_its_own_axis():
+    fig = plot_training_curves({"accuracy": [0.5, 0.6, 0.7]})
+    assert len(fig.axes) == 1
+    assert _lines(_axis(fig, "accuracy")) == {"accuracy": ([0, 1, 2], [0.5, 0.6, 0.7])}
+    assert fig.axes[0].get_ylabel() == "accuracy"
+
+
+def test_eval_series_without_eval_step_is_spread_over_the_train_steps():
+    fig = plot_training_curves({"step": [10, 20, 30], "loss": [3.0, 2.0, 1.5], "eval_loss": [2.5, 1.8],
+                                "grad_norm": [1.0, 0.5]})  # grad_norm: 2 values for 3 steps
+    lines = _lines(_axis(fig, "Training curves"))
+    assert lines["train loss"] == ([10, 20, 30], [3.0, 2.0, 1.5])
+    assert lines["eval loss"] == ([10, 30], [2.5, 1.8])  # not the first two train steps
+    assert _lines(_axis(fig, "grad norm")) == {"grad norm": ([10, 30], [1.0, 0.5])}
+
+
+def test_metrics_jsonl_history_keeps_its_loss_and_routing_panels():
+    fig = plot_training_curves(HISTORY, baseline=3.5)
+    assert sorted(ax.get_title() for ax in fig.axes) == ["Routing health (mean over MoE layers)", "Training curves"]
+    loss_ax = _axis(fig, "Training curves")
+    assert _lines(loss_ax) == {"train loss": ([1, 2, 3, 4], HISTORY["loss"]),
+                               "eval loss": ([2, 4], HISTORY["eval_loss"])}
+    assert any(l.get_label() == "unigram baseline (3.50)" for l in loss_ax.get_lines())
+    assert loss_ax.get_xlabel() == "optimizer step"
+    assert _lines(_axis(fig, "Routing health (mean over MoE layers)")) == {
+        "expert load max/mean": ([1, 2, 3, 4], HISTORY["load_imbalance"]),
+        "dropped fraction": ([1, 2, 3, 4], HISTORY["dropped_fraction"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "history,kwargs,match",
+    [
+        ({}, {}, "empty"),
+        ([3.0, 2.0], {}, "dict"),
+        ({"loss": "abc"}, {}, r"history\['loss'\] must be a list of numbers, got str"),
+        ({"accuracy": 0.9}, {}, r"history\['accuracy'\] must be a list of numbers, got float"),
+        ({"loss": [3.0, "nan?"]}, {}, r"history\['loss'\].*item 1 is str"),
+        ({"step": ["a"], "loss": [1.0]}, {}, r"history\['step'\]"),
+        ({1: [1.0]}, {}, "metric names"),
+        ({"loss": []}, {}, "no 'loss'"),
+        ({"loss": [1.0, 2.0]}, {"baseline": "low"}, "baseline must be a number"),
+    ],
+)
+def test_bad_history_raises_input_error_naming_the_key(history, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        plot_training_curves(history, **kwargs)
+
+
+# --- expert utilisation: {expert_id: share} -----------------------------------------------
+
+
+def _bar_panels(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def _bars(ax):
+    return [p.get_height() for p in ax.patches], [t.get_text() for t in ax.get_xticklabels()]
+
+
+def test_utilization_dict_of_expert_shares_is_one_layer_labelled_by_id(tmp_path):
+    data = {0: 0.5, 1: 0.25, 3: 0.25}
+    path = tmp_path / "util.png"
+    assert TrainingVisualizer(dpi=60).plot_expert_utilization(data, path) == str(path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    fig = plot_expert_utilization(data)
+    (ax,) = _bar_panels(fig)
+    heights, ticks = _bars(ax)
+    assert heights == pytest.approx([0.5, 0.25, 0.25])
+    assert ticks == ["0", "1", "3"]
+    uniform = [l.get_ydata()[0] for l in ax.get_lines()]
+    assert uniform == pytest.approx([1 / 3])
+
+
+def test_utilization_counts_are_normalised_and_sorted_by_expert_id():
+    heights, ticks = _bars(_bar_panels(plot_expert_utilization({7: 20, 0: 50, 3: 30}))[0])
+    assert ticks == ["0", "3", "7"]
+    assert heights == pytest.approx([0.5, 0.3, 0.2])
+    heights, _ = _bars(_bar_panels(plot_expert_utilization({0: torch.tensor(3.0), 1: torch.tensor(1.0)}))[0])
+    assert heights == pytest.approx([0.75, 0.25])
+
+
+def test_utilization_per_layer_forms_still_give_one_panel_per_layer():
+    for data in (COUNTS, torch.tensor(COUNTS), {0: COUNTS[0], 2: COUNTS[1]}, _monitor_stats()):
+        panels = _bar_panels(plot_expert_utilization(data))
+        assert len(panels) == 2
+        heights, ticks = _bars(panels[0])
+        assert heights == pytest.approx([0.1, 0.0, 0.3, 0.6]) and ticks == ["0", "1", "2", "3"]
+    assert [ax.get_title() for ax in _bar_panels(plot_expert_utilization({0: COUNTS[0], 2: COUNTS[1]}))] == \
+        ["layer 0", "layer 2"]
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({0: 0.5, 1: [1, 2]}, "mixes per-expert numbers"),
+        ({"a": 0.5, "b": 0.5}, "int expert ids, got str 'a'"),
+        ({0: 0.5, 2: -0.1}, "expert 2 has -0.1"),
+        ({0: [1, "x"]}, "layer 0: expert 1 has 'x'"),
+        ({0: []}, "empty list"),
+    ],
+)
+def test_bad_utilization_raises_input_error_naming_the_expert(data, match):
+    with pytest.raises(InputError, match=match):
+        plot_expert_utilization(data)
