@@ -50,7 +50,7 @@ def main() -> None:
             ds = streaming_dataset(spec, str(Path(tmp) / "tok"))
             start, tokens = time.perf_counter(), 0
             for batch in ds.iter_batches(batch_size=spec.training.batch_size, batch_format="numpy"):
-                tokens += int(batch["input_ids"].size)
+                tokens += sum(len(ids_L) for ids_L in batch["input_ids"])  # ragged blocks: an object array
             pipeline_tps = tokens / (time.perf_counter() - start)
             summary = run_job_ray(spec, str(Path(tmp) / "run"))
             lines = [json.loads(l) for l in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]

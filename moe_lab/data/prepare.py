@@ -9,18 +9,23 @@ Usage::
     packed[0]["input_ids"]                            # 256 token ids
     packed[0]["domain"]                               # every block has a single domain
 
-Packing: each document is tokenized (no special tokens) and followed by ``<eos>``; the
-documents of one label (``domain``) inside a group of ``PACK_GROUP_ROWS`` consecutive rows
-are concatenated and cut into blocks of exactly ``max_length`` tokens. The leftover at the
-end of a group becomes one shorter block if it has at least 2 tokens. Tokenizing runs in
-``num_proc`` processes for large datasets; packing always runs in one process, so the
-result does not depend on ``num_proc``.
+Packing follows :mod:`moe_lab.data.pack` (the same functions pack the Ray Data stream):
+rows without usable text are dropped; each document is tokenized (no special tokens) and
+followed by ``<eos>``; the documents of one label (``domain``) inside a group of
+``PACK_GROUP_ROWS`` consecutive documents are concatenated and cut into blocks of
+``max_length`` tokens, and the leftover at the end becomes one shorter block if it has at
+least 2 tokens. A tokenizer without an EOS token cannot separate documents: then each
+document becomes one block of its first ``max_length`` tokens (logged once per call).
+Tokenizing runs in ``num_proc`` processes (capped at the CPU count and the number of rows;
+one process where Ray runs, since forking a Ray process can hang it); packing always runs in
+one process, so the result does not depend on ``num_proc``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -30,11 +35,12 @@ import pyarrow.compute as pc
 
 from ..errors import ConfigError, InputError
 from .collate import collate_moe_batch
+from .pack import PACK_GROUP_ROWS, as_text, check_max_length, pack_documents, tokenize_documents
 from .tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PrepareStats", "collate_moe_batch", "load_text_dataset", "prepare_moe_dataset"]
+__all__ = ["PACK_GROUP_ROWS", "PrepareStats", "collate_moe_batch", "load_text_dataset", "prepare_moe_dataset"]
 
 #: file extension -> datasets builder
 BUILDERS = {
@@ -45,11 +51,6 @@ BUILDERS = {
     ".parquet": "parquet",
     ".csv": "csv",
 }
-#: below this many rows, tokenize in the main process (worker start-up costs more)
-MIN_ROWS_FOR_MULTIPROCESSING = 5000
-#: consecutive rows whose documents are packed together (fixed, so packing is deterministic)
-PACK_GROUP_ROWS = 1000
-
 _IDS = "_moe_lab_ids"
 _NUM_TOKENS = "_moe_lab_num_tokens"
 
@@ -162,52 +163,29 @@ def load_text_dataset(
 # ---------------------------------------------------------------------------------------
 
 
-def _as_text(value: Any) -> Optional[str]:
-    """The value as usable text, or None if the row must be skipped."""
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    if not isinstance(value, str) or not value.strip():
-        return None
-    return value
-
-
-def _tokenize_batch(batch: Dict[str, List[Any]], tokenizer: Any, text_column: str) -> Dict[str, list]:
-    texts = [_as_text(value) for value in batch[text_column]]
+def _tokenize_batch(
+    batch: Dict[str, List[Any]], tokenizer: Any, text_column: str, label_column: Optional[str]
+) -> Dict[str, list]:
+    """Rows with usable text -> their token ids (and label); other rows are dropped here."""
+    texts = [as_text(value) for value in batch[text_column]]
     keep = [i for i, text in enumerate(texts) if text is not None]
-    ids: List[List[int]] = [[] for _ in texts]
-    if keep:
-        encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"]
-        for i, doc_ids in zip(keep, encoded):
-            ids[i] = list(doc_ids)
-    return {_IDS: ids, _NUM_TOKENS: [len(doc_ids) for doc_ids in ids]}
+    ids_DT = tokenize_documents([texts[i] for i in keep], tokenizer)
+    out: Dict[str, list] = {_IDS: ids_DT, _NUM_TOKENS: [len(ids_T) for ids_T in ids_DT]}
+    if label_column:
+        out[label_column] = [batch[label_column][i] for i in keep]
+    return out
 
 
 def _pack_batch(
-    batch: Dict[str, List[Any]], max_length: int, eos_token_id: int, label_column: Optional[str]
+    batch: Dict[str, List[Any]], max_length: int, eos_token_id: Optional[int], label_column: Optional[str]
 ) -> Dict[str, list]:
-    labels = batch[label_column] if label_column else [None] * len(batch[_IDS])
-    streams: Dict[Any, List[int]] = {}  # label -> its documents' tokens, eos after each
-    for doc_ids, label in zip(batch[_IDS], labels):
-        if doc_ids:
-            stream = streams.setdefault(label, [])
-            stream.extend(doc_ids)
-            stream.append(eos_token_id)
-
-    blocks: List[List[int]] = []
-    block_labels: List[Any] = []
-    for label, stream in streams.items():
-        for start in range(0, len(stream), max_length):
-            block = stream[start : start + max_length]
-            if len(block) < 2:  # a lone eos (or token) teaches nothing
-                break
-            blocks.append(block)
-            block_labels.append(label)
-    out: Dict[str, list] = {"input_ids": blocks}
+    """One packing group (``PACK_GROUP_ROWS`` documents) -> its blocks."""
+    ids_BL, labels_B = pack_documents(
+        batch[_IDS], max_length, eos_token_id, batch[label_column] if label_column else None
+    )
+    out: Dict[str, list] = {"input_ids": ids_BL}
     if label_column:
-        out[label_column] = block_labels
+        out[label_column] = labels_B
     return out
 
 
@@ -226,9 +204,9 @@ def _to_dataset(dataset: Any, text_column: str) -> datasets.Dataset:
                 f"text_column {text_column!r} is not in the dataset; its columns are {list(dataset)}"
             )
         columns = dict(dataset)
-        columns[text_column] = [_as_text(value) for value in columns[text_column]]
+        columns[text_column] = [as_text(value) for value in columns[text_column]]
     elif isinstance(dataset, (list, tuple)):
-        columns = {text_column: [_as_text(value) for value in dataset]}
+        columns = {text_column: [as_text(value) for value in dataset]}
     else:
         raise InputError(
             "dataset must be a datasets.Dataset, a list of strings or a dict of columns, "
@@ -240,16 +218,35 @@ def _to_dataset(dataset: Any, text_column: str) -> datasets.Dataset:
         raise InputError(f"cannot build a dataset from the given columns: {error}") from error
 
 
+def _ray_runs_in_this_process() -> bool:
+    """True in a Ray driver or worker (checked without importing Ray: only if it is loaded)."""
+    ray = sys.modules.get("ray")
+    is_initialized = getattr(ray, "is_initialized", None)
+    return bool(callable(is_initialized) and is_initialized())
+
+
 def _resolve_num_proc(num_proc: Optional[int], num_rows: int) -> Optional[int]:
+    """``num_proc`` capped at the CPU count and the number of rows; None means one process.
+
+    ``datasets`` forks its worker processes; forking a process that runs Ray (a driver, a
+    Ray Train worker, a Tune trial) can hang Ray, so there tokenizing stays in this process
+    (with a warning).
+    """
     valid = num_proc is None or (
         isinstance(num_proc, int) and not isinstance(num_proc, bool) and num_proc >= 1
     )
     if not valid:
         raise ConfigError(f"num_proc must be a positive int or None, got {num_proc!r}")
-    if num_proc is None or num_rows < MIN_ROWS_FOR_MULTIPROCESSING:
+    if num_proc is None:
         return None
-    num_proc = min(num_proc, os.cpu_count() or 1)
-    return num_proc if num_proc > 1 else None
+    resolved = min(num_proc, os.cpu_count() or 1, max(num_rows, 1))
+    if resolved > 1 and _ray_runs_in_this_process():
+        logger.warning(
+            "prepare_moe_dataset: tokenizing in this process instead of num_proc=%d: this process "
+            "runs Ray, and forking it for worker processes can hang Ray", num_proc,
+        )
+        return None
+    return resolved if resolved > 1 else None
 
 
 def prepare_moe_dataset(
@@ -265,11 +262,15 @@ def prepare_moe_dataset(
 
     Args:
         dataset: a ``datasets.Dataset``, a list of strings, or a dict of columns.
-        tokenizer: ours or a ``transformers`` tokenizer (default :class:`ByteTokenizer`);
-            it needs an ``eos_token_id``.
-        max_length: tokens per block (the last block of a packing group may be shorter).
-        num_proc: processes for tokenizing (capped at ``os.cpu_count()``; one process
-            below ``MIN_ROWS_FOR_MULTIPROCESSING`` rows).
+        tokenizer: ours or any ``transformers`` tokenizer (default :class:`ByteTokenizer`).
+            With an ``eos_token_id`` documents are packed; without one each document
+            becomes one block of its first ``max_length`` tokens (a warning says so).
+        max_length: tokens per block (the last block of a label in a packing group, and a
+            truncated document, may be shorter, but never below 2 tokens).
+        num_proc: processes for tokenizing, as given but capped at ``os.cpu_count()`` and
+            the number of rows (``None`` or 1: this process). The blocks do not depend on it.
+            In a process that runs Ray, tokenizing stays in this process (forking can hang
+            Ray; a warning says so).
         text_column: column with the documents.
         label_column: column with a per-document label (e.g. ``domain``). Documents are
             packed per label, so every block has one label, kept in this column. Absent or
@@ -281,12 +282,9 @@ def prepare_moe_dataset(
         ``return_stats`` the pair ``(dataset, stats)``. Rows with no usable text (empty,
         whitespace, None, bytes that are not UTF-8, non-strings) are skipped and counted.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ConfigError(f"max_length must be an int >= 2, got {max_length!r}")
+    check_max_length(max_length)
     tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     eos_token_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_token_id is None:
-        raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; packing needs one")
 
     ds = _to_dataset(dataset, text_column)
     if text_column not in ds.column_names:
@@ -298,16 +296,23 @@ def prepare_moe_dataset(
     keep_columns = [text_column] + ([label_column] if label_column else [])
     ds = ds.select_columns(keep_columns)
 
-    # 1. tokenize: one row per document (empty ids for skipped rows); parallel is safe here
+    # 1. tokenize: one row per document (rows without usable text are dropped, so they never
+    #    shift the packing groups); parallel is safe here, the row order is kept
+    tokenized_features = datasets.Features(
+        {_IDS: datasets.List(datasets.Value("int32")), _NUM_TOKENS: datasets.Value("int64")}
+    )
+    if label_column:
+        tokenized_features[label_column] = ds.features[label_column]
     tokenized = ds.map(
         _tokenize_batch,
-        fn_kwargs={"tokenizer": tokenizer, "text_column": text_column},
+        fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "label_column": label_column},
         batched=True,
         num_proc=_resolve_num_proc(num_proc, len(ds)),
-        remove_columns=[text_column],
+        remove_columns=ds.column_names,
+        features=tokenized_features,
         desc="Tokenizing",
     )
-    num_rows = len(tokenized)
+    num_rows = len(ds)
     num_documents = int(pc.sum(pc.greater(tokenized.data.column(_NUM_TOKENS), 0)).as_py() or 0)
     num_skipped = num_rows - num_documents
     if num_skipped:
@@ -319,6 +324,13 @@ def prepare_moe_dataset(
     if num_documents == 0:
         raise InputError(
             f"no usable text in column {text_column!r}: all {num_rows} rows are empty or not text"
+        )
+
+    if eos_token_id is None:
+        logger.warning(
+            "tokenizer %s has no eos_token_id, so documents cannot be packed: each document becomes "
+            "one block of its first %d tokens (documents with fewer than 2 tokens are dropped)",
+            type(tokenizer).__name__, max_length,
         )
 
     # 2. pack: one process with fixed groups, so the blocks never depend on num_proc
@@ -338,6 +350,11 @@ def prepare_moe_dataset(
         features=features,
         desc="Packing",
     )
+    if len(packed) == 0:
+        raise InputError(
+            f"no block of at least 2 tokens: the {num_documents} documents of {text_column!r} are "
+            f"single tokens and tokenizer {type(tokenizer).__name__} has no eos_token_id to pack them"
+        )
     if not return_stats:
         return packed
     num_tokens = pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py() or 0

@@ -2,6 +2,8 @@
 
 import json
 import logging
+import sys
+import types
 
 import datasets
 import pyarrow as pa
@@ -9,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moe_lab.data import (
+    PACK_GROUP_ROWS,
     ByteTokenizer,
     PrepareStats,
     build_corpus,
@@ -156,27 +159,123 @@ def test_deterministic(corpus):
     assert list(a["input_ids"]) == list(b["input_ids"]) and list(a["domain"]) == list(b["domain"])
 
 
-def test_num_proc_resolution(monkeypatch):
+@pytest.fixture
+def no_ray(monkeypatch):
+    """These tests are about num_proc, not about a Ray cluster another test file left running."""
+    monkeypatch.setattr(prepare_module, "_ray_runs_in_this_process", lambda: False)
+
+
+def test_num_proc_resolution(monkeypatch, no_ray):
     resolve = prepare_module._resolve_num_proc
-    assert resolve(4, 10) is None
-    assert resolve(None, 10**6) is None
-    assert resolve(1, 10**6) is None
-    monkeypatch.setattr(prepare_module.os, "cpu_count", lambda: 2)
-    assert resolve(4, 10**6) == 2
+    monkeypatch.setattr(prepare_module.os, "cpu_count", lambda: 8)
+    assert resolve(4, 10) == 4  # honoured for small datasets too (no silent row threshold)
+    assert resolve(4, 3) == 3  # never more processes than rows
+    assert resolve(16, 10**6) == 8  # capped at the CPU count
+    assert resolve(1, 10**6) is None and resolve(None, 10**6) is None
     monkeypatch.setattr(prepare_module.os, "cpu_count", lambda: 1)
     assert resolve(4, 10**6) is None
 
 
-def test_num_proc_gives_same_result():
-    num_rows = prepare_module.MIN_ROWS_FOR_MULTIPROCESSING + 200
+def _record_map_num_proc(monkeypatch):
+    """Record (desc, num_proc) of every datasets.Dataset.map call in this process."""
+    calls = []
+    original = datasets.Dataset.map
+
+    def recording_map(self, *args, **kwargs):
+        calls.append((kwargs.get("desc"), kwargs.get("num_proc")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", recording_map)
+    return calls
+
+
+def test_num_proc_is_passed_to_datasets_map(monkeypatch, no_ray):
+    monkeypatch.setattr(prepare_module.os, "cpu_count", lambda: 8)
+    calls = _record_map_num_proc(monkeypatch)
+    prepare_moe_dataset([f"doc {i}" for i in range(20)], max_length=16, num_proc=3)
+    assert ("Tokenizing", 3) in calls
+    assert ("Packing", None) in calls  # packing is one process, whatever num_proc is
+
+
+def test_num_proc_gives_same_result(monkeypatch, no_ray):
+    monkeypatch.setattr(prepare_module.os, "cpu_count", lambda: 4)
+    num_rows = 2 * PACK_GROUP_ROWS + 300  # three packing groups
     texts = [f"doc {i}: " + "xy " * (i % 11) for i in range(num_rows)]
     data = {"text": texts, "domain": [("p", "q", "r")[i % 3] for i in range(num_rows)]}
     data["text"][7] = ""
-    serial, serial_stats = prepare_moe_dataset(data, max_length=48, num_proc=None, return_stats=True)
+    data["text"][1500] = None
+    calls = _record_map_num_proc(monkeypatch)
+    serial, serial_stats = prepare_moe_dataset(data, max_length=48, num_proc=1, return_stats=True)
     parallel, parallel_stats = prepare_moe_dataset(data, max_length=48, num_proc=2, return_stats=True)
-    assert serial_stats == parallel_stats and serial_stats.num_skipped == 1
+    assert [n for desc, n in calls if desc == "Tokenizing"] == [None, 2]  # really ran in 2 processes
+    assert serial_stats == parallel_stats and serial_stats.num_skipped == 2
     assert list(serial["input_ids"]) == list(parallel["input_ids"])
     assert list(serial["domain"]) == list(parallel["domain"])
+
+
+def test_no_worker_processes_where_ray_runs(monkeypatch, caplog):
+    monkeypatch.setattr(prepare_module.os, "cpu_count", lambda: 8)
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True))
+    calls = _record_map_num_proc(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="moe_lab.data.prepare"):
+        packed = prepare_moe_dataset(["abc", "def"], max_length=16, num_proc=2)
+    assert ("Tokenizing", None) in calls and packed["input_ids"][0] == [97, 98, 99, EOS, 100, 101, 102, EOS]
+    assert "instead of num_proc=2: this process runs Ray" in caplog.text
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False))
+    assert prepare_module._resolve_num_proc(2, 100) == 2  # Ray imported but not running: forking is fine
+
+
+def test_rows_without_text_do_not_shift_packing_groups():
+    texts = [f"document number {i}" for i in range(2 * PACK_GROUP_ROWS + 10)]
+    with_gaps = []
+    for i, text in enumerate(texts):
+        with_gaps.append(text)
+        if i % 7 == 0:
+            with_gaps.append("" if i % 2 else None)
+    plain = prepare_moe_dataset(texts, max_length=64, num_proc=1)
+    gapped = prepare_moe_dataset(with_gaps, max_length=64, num_proc=1)
+    # groups are PACK_GROUP_ROWS documents, not rows: the Ray Data stream drops such rows first
+    assert list(gapped["input_ids"]) == list(plain["input_ids"])
+
+
+def word_level_tokenizer():
+    """A transformers tokenizer with only [PAD] and [UNK] as special tokens (no EOS), offline."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3, "again": 4, "moe": 5}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_tokenizer_without_eos_truncates_each_document(caplog):
+    hf = word_level_tokenizer()
+    assert hf.eos_token_id is None
+    reps = 400  # 2000 rows: two packing groups, and two tokenizing processes
+    data = {
+        "text": ["hello world again moe", "moe", "hello zzz", "", "world world world"] * reps,
+        "domain": ["p", "q", "r", "s", "t"] * reps,
+    }
+    with caplog.at_level(logging.WARNING, logger="moe_lab.data.prepare"):
+        packed, stats = prepare_moe_dataset(data, tokenizer=hf, max_length=3, num_proc=2, return_stats=True)
+    # one block per document, its first 3 tokens; "moe" (1 token) is too short; zzz is [UNK]
+    assert list(packed["input_ids"]) == [[2, 3, 4], [2, 1], [3, 3, 3]] * reps
+    assert list(packed["domain"]) == ["p", "r", "t"] * reps
+    assert (stats.num_documents, stats.num_skipped, stats.num_blocks) == (4 * reps, reps, 3 * reps)
+    eos_warnings = [r for r in caplog.records if "no eos_token_id" in r.getMessage()]
+    assert len(eos_warnings) == 1 and "first 3 tokens" in eos_warnings[0].getMessage()
+
+
+def test_tokenizer_without_eos_and_only_single_token_documents_fails_clearly():
+    with pytest.raises(InputError, match="no block of at least 2 tokens.*no eos_token_id"):
+        prepare_moe_dataset(["hello", "world"], tokenizer=word_level_tokenizer(), max_length=8)
+
+
+def test_label_column_none_packs_one_stream():
+    data = {"text": ["aaaa", "bbbb"], "domain": ["a", "b"]}
+    packed = prepare_moe_dataset(data, max_length=16, label_column=None)
+    assert packed.column_names == ["input_ids"]
+    assert ByteTokenizer().decode(packed["input_ids"][0]) == "aaaabbbb"  # one stream, not one per domain
 
 
 # ---------------------------------------------------------------------------------------
