@@ -25,11 +25,28 @@ The spec is validated once, before Ray starts: unknown fields, unknown distribut
 choices, ``low > high``, ``loguniform`` bounds <= 0 and values the base job rejects raise
 :class:`~moe_lab.errors.ConfigError` naming the field.
 
-Constraints between fields are resolved per trial by :func:`trial_job`: a ``switch`` router
-routes each token to one expert, so a switch trial always runs with ``experts_per_token=1``
-(the results table shows the value the trial ran with, and the adjustment). Any other
-sampled combination the job rejects makes that trial fail fast; its error is in the table
-and the sweep goes on.
+Fields without effect. Some fields do nothing under some routers; :data:`INERT_FIELDS`
+declares them, once, as data (for example ``model.load_balancing_loss_coef`` under
+``expert_choice`` with ``drop_tokens``: each expert picks exactly C tokens, so the balancing
+loss is constant, 1, with zero gradient). No trial is spent on such a setting:
+
+- grid values (``grid``, or every ``choice`` with ``search: grid``): :func:`grid_points`
+  leaves the inert field out of the grid points it has no effect on and drops the
+  duplicates that leaves (router_type x load_balancing_loss_coef runs one expert_choice
+  trial per value of the other fields, not one per coefficient);
+- drawn values (random search): a field that a rule may make inert
+  (:func:`drawn_inert_rules`) is drawn per trial only when the rule does not apply to the
+  trial's values; otherwise the trial gets the rule's value (``tune.sample_from``);
+- ``search: optuna`` uses a define-by-run space that suggests the condition fields first
+  and skips the inert ones.
+
+Whatever the config, :func:`trial_job` runs an inert field with the base job's value (or
+the rule's fixed value: a switch trial runs with ``experts_per_token=1``, recorded as an
+adjustment when the base job has another). The results (``results.csv``, the printed
+table, ``best.yaml``) show the field as ``n/a`` (:data:`NOT_APPLICABLE`) for those trials,
+with the reason (the ``inert`` column, the table's legend, a ``best.yaml`` comment). Any
+other sampled combination the job rejects makes that trial fail fast; its error is in the
+table and the sweep goes on.
 
 This module imports Ray only inside functions; the Ray Tune code is
 :mod:`moe_lab.orchestration.tune`.
@@ -39,6 +56,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import itertools
 import math
 import os
 import re
@@ -105,6 +124,11 @@ class SearchDim:
     def probe_values(self) -> Tuple[Any, ...]:
         """Values checked against the base job before the sweep starts (all choices, or the bounds)."""
         return self.values if self.kind in ("choice", "grid") else (self.low, self.high)
+
+    def is_grid(self, search: str) -> bool:
+        """Every value runs (a grid), rather than one drawn per trial: ``grid`` entries with
+        random/grid search, and ``choice`` entries too with ``search: grid``."""
+        return search != "optuna" and (self.kind == "grid" or (search == "grid" and self.kind == "choice"))
 
 
 class SchedulerSpec(_StrictModel):
@@ -192,14 +216,12 @@ class SweepSpec(_StrictModel):
 
     @property
     def num_trials(self) -> int:
-        """Trials the sweep runs: with random/grid search, ``num_samples`` times the grid size."""
+        """Trials the sweep runs: with random/grid search, ``num_samples`` times the grid
+        size, where the grid has no duplicates that differ only in an inert field
+        (:func:`grid_points`); with optuna, ``num_samples``."""
         if self.search == "optuna":
             return self.num_samples
-        grid = 1
-        for d in self._dims:
-            if d.kind == "grid" or (self.search == "grid" and d.kind == "choice"):
-                grid *= len(d.values)
-        return self.num_samples * grid
+        return self.num_samples * math.prod(len(points) for points in grid_points(self).values())
 
     @property
     def job(self) -> JobSpec:
@@ -377,6 +399,173 @@ def _check_field(name: Any, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# fields without effect
+# ---------------------------------------------------------------------------------------
+
+#: what the results show for a searched field that had no effect on a trial
+NOT_APPLICABLE = "n/a"
+
+
+@dataclass(frozen=True)
+class InertRule:
+    """``field`` has no effect on a trial whose job matches every ``(field, values)`` of
+    ``when``; such a trial runs with ``runs_with`` (None: the base job's value)."""
+
+    field: str
+    when: Tuple[Tuple[str, Tuple[Any, ...]], ...]
+    reason: str
+    runs_with: Any = None
+
+    def applies(self, values: Mapping[str, Any]) -> Optional[bool]:
+        """True when ``values`` (flat ``section.key``, the trial's job) match ``when``; None
+        when a condition field is missing (its value is drawn per trial), else False."""
+        return self.decide({name: (values[name],) for name, _ in self.when if name in values})
+
+    def decide(self, options: Mapping[str, Sequence[Any]]) -> Optional[bool]:
+        """Whether the rule applies when each condition field takes one of ``options[field]``:
+        True if it does for all of them, False if for none, None if that depends on the value
+        drawn (or a condition field has no options listed)."""
+        undecided = False
+        for name, allowed in self.when:
+            if name not in options:
+                undecided = True
+                continue
+            matches = [_plain(v) in allowed for v in options[name]]
+            if not any(matches):
+                return False
+            undecided = undecided or not all(matches)
+        return None if undecided else True
+
+    @property
+    def note(self) -> str:
+        """The legend line: which field, under what, and why."""
+        parts = []
+        for name, allowed in self.when:
+            key = name.split(".", 1)[1]
+            shown = " or ".join(str(v) for v in allowed)
+            parts.append(shown if key == "router_type" else f"{key}={shown}")
+        return f"{self.field.split('.', 1)[1]} has no effect under {' with '.join(parts)}: {self.reason}"
+
+
+#: Job fields that have no effect under some router settings (see moe_lab.model.routers).
+#: Searched values of such a field are not sampled for those trials; the results show n/a.
+INERT_FIELDS: Tuple[InertRule, ...] = (
+    InertRule(
+        "model.load_balancing_loss_coef",
+        when=(("model.router_type", ("expert_choice",)), ("model.drop_tokens", (True,))),
+        reason="its balancing loss is constant (1) with zero gradient (every expert picks exactly C tokens)",
+    ),
+    InertRule(
+        "model.experts_per_token",
+        when=(("model.router_type", ("switch",)),),
+        reason="switch routes each token to one expert",
+        runs_with=1,
+    ),
+    InertRule(
+        "model.capacity_factor",
+        when=(("model.router_type", ("top_k", "switch")), ("model.drop_tokens", (False,))),
+        reason="tokens over capacity are kept, so the capacity limits nothing",
+    ),
+    InertRule(
+        "model.normalize_router_weights",
+        when=(("model.router_type", ("switch", "expert_choice")),),
+        reason="only top_k renormalises its weights",
+    ),
+    InertRule(
+        "model.expert_choice_eval_routing",
+        when=(("model.router_type", ("top_k", "switch")),),
+        reason="only expert_choice reads it",
+    ),
+)
+
+
+def check_inert_rules(rules: Sequence[InertRule]) -> None:
+    """Each rule names job fields, and no inert field is a condition of a rule (so rules
+    apply in any order). Raises ConfigError naming the rule."""
+    conditions = {name for r in rules for name, _ in r.when}
+    for r in rules:
+        where = f"inert rule for {r.field!r}"
+        for name in (r.field, *(n for n, _ in r.when)):
+            _check_field(name, where)
+        if r.field in conditions:
+            raise ConfigError(f"{where}: {r.field!r} is also a condition of a rule; rules would depend on their order")
+        if not r.when or any(not allowed for _, allowed in r.when):
+            raise ConfigError(f"{where}: expected at least one condition, each with at least one value; got {r.when!r}")
+
+
+def _plain(value: Any) -> Any:
+    """An enum's value (``RouterType.SWITCH`` -> ``"switch"``), anything else as it is."""
+    return getattr(value, "value", value)
+
+
+def inert_rules(values: Mapping[str, Any], fields: Optional[Sequence[str]] = None) -> List[InertRule]:
+    """The rules that apply to a trial whose job has these flat ``section.key`` values
+    (only rules about ``fields``, when given)."""
+    return [r for r in INERT_FIELDS if (fields is None or r.field in fields) and r.applies(values)]
+
+
+def job_values(job: Union[JobSpec, Mapping[str, Any]]) -> Dict[str, Any]:
+    """A job's fields as flat ``section.key`` plain values (a JobSpec, or a job dict with
+    defaults for what it leaves out)."""
+    if isinstance(job, JobSpec):
+        return flatten_params(job.to_dict())
+    values = dict(_default_job_values())
+    values.update({k: _plain(v) for k, v in flatten_params(job).items()})
+    return values
+
+
+@functools.lru_cache(maxsize=1)
+def _default_job_values() -> Dict[str, Any]:
+    return flatten_params(JobSpec().to_dict())
+
+
+def _options(spec: "SweepSpec") -> Dict[str, Tuple[Any, ...]]:
+    """The values each job field can take in the sweep: the base job's value, or the
+    choices/grid of a searched field (a searched range has no entry)."""
+    searched = {d.field for d in spec.dimensions}
+    options: Dict[str, Tuple[Any, ...]] = {f: (v,) for f, v in job_values(spec.job).items() if f not in searched}
+    options.update({d.field: d.values for d in spec.dimensions if d.kind in ("choice", "grid")})
+    return options
+
+
+def grid_points(spec: "SweepSpec") -> Dict[str, List[Dict[str, Any]]]:
+    """The grid of a random/grid sweep per job section: its points (``section.key`` ->
+    value, grid fields only), one trial each (``num_samples`` times; sections combine as a
+    product). A section without grid fields has one empty point.
+
+    The grid collapse: a grid field is left out of the points it is inert in
+    (:data:`INERT_FIELDS`) where the point and the sweep decide that (the rule's conditions
+    are fixed there, or all their choices agree), and points that become equal are kept
+    once, so no two trials differ only in a field without effect. Where a condition is
+    drawn per trial, the point keeps the value; :func:`trial_job` replaces it.
+    """
+    options = _options(spec)
+    sections: Dict[str, List[SearchDim]] = {}
+    for d in spec.dimensions:
+        sections.setdefault(d.section, [])
+        if d.is_grid(spec.search):
+            sections[d.section].append(d)
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for section, grid in sections.items():
+        points: List[Dict[str, Any]] = []
+        for combo in itertools.product(*(d.values for d in grid)):
+            known = {**options, **{d.field: (v,) for d, v in zip(grid, combo)}}
+            point = {d.field: v for d, v in zip(grid, combo)
+                     if not any(r.decide(known) for r in INERT_FIELDS if r.field == d.field)}
+            if point not in points:
+                points.append(point)
+        out[section] = points
+    return out
+
+
+def drawn_inert_rules(spec: "SweepSpec", dim: SearchDim) -> Tuple[InertRule, ...]:
+    """The rules that may make a drawn (non-grid) field inert in some trial of the sweep:
+    for those trials it is not drawn but runs with the rule's value."""
+    options = _options(spec)
+    return tuple(r for r in INERT_FIELDS if r.field == dim.field and r.decide(options) is not False)
+
+
+# ---------------------------------------------------------------------------------------
 # trials
 # ---------------------------------------------------------------------------------------
 
@@ -396,29 +585,51 @@ def flatten_params(config: Mapping[str, Any]) -> Dict[str, Any]:
 def trial_job(spec: SweepSpec, params: Mapping[str, Any]) -> Tuple[JobSpec, List[str]]:
     """The job one trial runs: the base job with ``params`` (flat or nested) applied.
 
-    Returns ``(job, adjustments)``. The one derived rule: a ``switch`` router routes each
-    token to one expert, so ``model.experts_per_token`` becomes 1 (recorded in adjustments).
-    Raises ConfigError when the combination is invalid.
+    Returns ``(job, adjustments)``. A field that is inert for the trial (:data:`INERT_FIELDS`)
+    runs with the base job's value or the rule's fixed value, whatever ``params`` says (a
+    ``switch`` trial runs with ``model.experts_per_token=1``); where that changes the value,
+    it is recorded in adjustments. Raises ConfigError when the combination is invalid.
     """
     if not isinstance(spec.base_job, dict):
         spec = spec.resolve()
     data = apply_overrides(spec.base_job, spec.overrides)
+    base = job_values(data)
     flat = flatten_params(params)
     for name, value in flat.items():
         section, key = name.split(".", 1)
         data.setdefault(section, {})[key] = value
+    values = job_values(data)
     adjustments = []
-    model = data.setdefault("model", {})
-    k = model.get("experts_per_token", JobSpec().model.experts_per_token)
-    if model.get("router_type") == "switch" and k != 1:
-        model["experts_per_token"] = 1
-        adjustments.append(f"model.experts_per_token {k} -> 1 (switch routes each token to one expert)")
+    for rule in inert_rules(values):
+        section, key = rule.field.split(".", 1)
+        runs_with = base[rule.field] if rule.runs_with is None else rule.runs_with
+        if values[rule.field] != runs_with:
+            adjustments.append(f"{rule.field} {values[rule.field]!r} -> {runs_with!r} ({rule.reason})")
+        data.setdefault(section, {})[key] = runs_with
     try:
         job = JobSpec.from_dict(data)
     except ConfigError as exc:
         shown = ", ".join(f"{n}={v!r}" for n, v in flat.items())
         raise ConfigError(f"trial config ({shown}) is invalid: {_strip_config_prefix(str(exc))}") from None
     return job, adjustments
+
+
+def describe_trial(spec: SweepSpec, config: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str], List[str]]:
+    """What the results show for one trial's sampled ``config``: ``(values, adjustments,
+    notes)``. ``values`` holds each searched field as the trial ran it, or
+    :data:`NOT_APPLICABLE` where the field was inert; ``notes`` say why (one per such field).
+    A config the job rejects shows its sampled values."""
+    fields = [d.field for d in spec.dimensions]
+    try:
+        job, adjustments = trial_job(spec, config)
+        ran = job_values(job)
+    except ConfigError:
+        adjustments = []
+        ran = {**job_values(spec.job), **flatten_params(config)}
+    rules = inert_rules(ran, fields)
+    inert = {r.field for r in rules}
+    values = {f: NOT_APPLICABLE if f in inert else _plain(ran.get(f)) for f in fields}
+    return values, adjustments, [r.note for r in rules]
 
 
 # ---------------------------------------------------------------------------------------
@@ -487,7 +698,8 @@ class SweepResult:
     """What :func:`run_sweep` returns; the same files are in ``directory``."""
 
     directory: Path  #: the sweep directory (Tune experiment); ``moe-lab sweep --resume`` takes it
-    rows: List[Dict[str, Any]]  #: one per trial, best first: the results.csv columns and ``config`` (sampled)
+    #: one per trial, best first: the results.csv columns, ``config`` (sampled) and ``inert_notes``
+    rows: List[Dict[str, Any]]
     best: Optional[Dict[str, Any]]  #: the best row (None when no trial reported the metric)
     metric: str
     mode: str
@@ -593,7 +805,10 @@ def resume_sweep(
 
 __all__ = [
     "DISTRIBUTIONS",
+    "INERT_FIELDS",
+    "NOT_APPLICABLE",
     "REPORTED_METRICS",
+    "InertRule",
     "RoutingCollapseSpec",
     "SchedulerSpec",
     "SearchDim",
@@ -601,11 +816,19 @@ __all__ = [
     "SweepSpec",
     "TrialResources",
     "apply_sweep_overrides",
+    "check_inert_rules",
     "check_search_available",
+    "describe_trial",
+    "drawn_inert_rules",
     "flatten_params",
+    "grid_points",
+    "inert_rules",
+    "job_values",
     "load_sweep",
     "parse_search_space",
     "resume_sweep",
     "run_sweep",
     "trial_job",
 ]
+
+check_inert_rules(INERT_FIELDS)

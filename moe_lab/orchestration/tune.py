@@ -8,7 +8,9 @@ Use it through :func:`moe_lab.tuning.run_sweep` / :func:`moe_lab.tuning.resume_s
    config changes the ``data`` section prepare their own;
 2. a ``Tuner`` runs :func:`_run_trial` per sampled config, with ``ASHAScheduler`` on the
    sweep metric (time attribute: the optimiser ``step``) and the search algorithm
-   (``BasicVariantGenerator`` for random/grid, ``OptunaSearch`` for optuna);
+   (``BasicVariantGenerator`` over :func:`param_space` for random/grid, ``OptunaSearch``
+   with the define-by-run :class:`OptunaSpace` for optuna); neither samples a field for
+   the trials it has no effect on (:data:`moe_lab.tuning.INERT_FIELDS`);
 3. a 1-worker trial runs :class:`~moe_lab.training.MoETrainer` in the trial process and
    calls ``ray.tune.report``; a multi-worker trial (``scaling.num_workers > 1``) starts a
    ``TorchTrainer`` through :class:`~.train.DistributedMoETrainer`, whose workers call
@@ -18,7 +20,8 @@ Use it through :func:`moe_lab.tuning.run_sweep` / :func:`moe_lab.tuning.resume_s
    metrics together (every result then holds the sweep metric, as Tune's strict metric
    check and ``OptunaSearch`` require);
 5. at the end the driver writes ``results.csv``, ``best.yaml``, ``router_comparison.png``
-   and prints a rich table.
+   and prints a rich table; a field without effect on a trial shows as ``n/a``, with the
+   reason in the ``inert`` column, the table's legend and a ``best.yaml`` comment.
 
 Resources on a local machine: 1-worker trials take 0.5 logical CPU and one torch thread,
 and as many run at once as there are cores; a multi-worker trial's driver takes 0.25
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import ray
 import torch
 from ray import tune
@@ -48,13 +52,22 @@ from ..errors import ConfigError
 from ..jobs import JobSpec
 from ..tuning import (
     BEST_JOB,
+    INERT_FIELDS,
+    NOT_APPLICABLE,
     REPORTED_METRICS,
     RESULTS_CSV,
     ROUTER_PLOT,
     SWEEP_FILE,
+    InertRule,
+    SearchDim,
     SweepResult,
     SweepSpec,
-    flatten_params,
+    _plain,
+    describe_trial,
+    drawn_inert_rules,
+    grid_points,
+    inert_rules,
+    job_values,
     trial_job,
 )
 from .cluster import init_ray, local_cpu_count
@@ -305,25 +318,110 @@ def _trial_dirname(trial: Any) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def param_space(spec: SweepSpec) -> Dict[str, Dict[str, Any]]:
-    """The Tune search space, nested by job section (``{"model": {"router_type": ...}}``).
+def _domain(d: SearchDim) -> Any:
+    """The Tune distribution of one drawn field (``randint`` bounds are inclusive)."""
+    if d.kind in ("choice", "grid"):
+        return tune.choice(list(d.values))
+    if d.kind == "uniform":
+        return tune.uniform(float(d.low), float(d.high))
+    if d.kind == "loguniform":
+        return tune.loguniform(float(d.low), float(d.high))
+    return tune.randint(int(d.low), int(d.high) + 1)
 
-    ``grid`` entries become ``tune.grid_search`` (with optuna: ``tune.choice``); with
-    ``search: grid`` choices are grids too; ``randint`` bounds are inclusive.
+
+def _inert_or_drawn(d: SearchDim, rules: Sequence[InertRule], base: Dict[str, Any], seed: Sequence[int]) -> Any:
+    """``tune.sample_from`` for a drawn field that ``rules`` may make inert: once the trial's
+    condition fields are resolved, the rule's value where one applies, else a draw from the
+    field's distribution (with a generator seeded by the sweep's seed).
+
+    A closure, not an object: Tune deep-copies the spec per trial, which would copy an
+    object's generator (every trial drawing the same value); a function is not copied."""
+    domain = _domain(d)
+    rng = np.random.default_rng(seed)
+    conditions = [name for rule in rules for name, _ in rule.when]
+
+    def sample(spec: Any) -> Any:
+        # Tune passes its experiment spec (the param space under "config"), through a guard
+        config = getattr(spec, "config") if "config" in spec else spec
+        values = dict(base)
+        for name in conditions:
+            section, key = name.split(".", 1)
+            if key in (dict.get(config, section) or {}):
+                # attribute access through Tune's guard raises RecursiveDependencyError while
+                # the condition is not resolved yet; Tune then resolves it first and comes back
+                values[name] = getattr(getattr(config, section), key)
+        for rule in rules:
+            if rule.applies(values):
+                return base[rule.field] if rule.runs_with is None else rule.runs_with
+        return domain.sample(random_state=rng)
+
+    return tune.sample_from(sample)
+
+
+def param_space(spec: SweepSpec) -> Dict[str, Any]:
+    """The Tune search space of a random/grid sweep, nested by job section
+    (``{"model": {"router_type": ...}}``); with optuna, ``{}`` (see :class:`OptunaSpace`).
+
+    Grid fields become ``tune.grid_search``, drawn fields Tune distributions (``randint``
+    bounds inclusive); a drawn field that an inert rule may apply to becomes a
+    ``tune.sample_from`` (:func:`_inert_or_drawn`). Where the grid collapses (a grid field
+    is inert in some points, :func:`~moe_lab.tuning.grid_points`), per-field grids would
+    make the duplicates back: that section becomes one ``tune.grid_search`` over its
+    points, each a dict with the section's drawn fields too (Tune's status table then shows
+    the section as one column; each trial's config box lists every field).
     """
-    space: Dict[str, Dict[str, Any]] = {}
-    for d in spec.dimensions:
-        if d.kind in ("choice", "grid"):
-            as_grid = (d.kind == "grid" and spec.search != "optuna") or (spec.search == "grid")
-            dist = tune.grid_search(list(d.values)) if as_grid else tune.choice(list(d.values))
-        elif d.kind == "uniform":
-            dist = tune.uniform(float(d.low), float(d.high))
-        elif d.kind == "loguniform":
-            dist = tune.loguniform(float(d.low), float(d.high))
-        else:  # randint, inclusive
-            dist = tune.randint(int(d.low), int(d.high) + 1)
-        space.setdefault(d.section, {})[d.key] = dist
+    if spec.search == "optuna":
+        return {}
+    base = job_values(spec.job)
+    drawn: Dict[str, Any] = {}  # section.key -> distribution
+    for i, d in enumerate(spec.dimensions):
+        if not d.is_grid(spec.search):
+            rules = drawn_inert_rules(spec, d)
+            drawn[d.field] = _inert_or_drawn(d, rules, base, seed=[spec.seed % 2**32, i]) if rules else _domain(d)
+    space: Dict[str, Any] = {}
+    for section, points in grid_points(spec).items():
+        dims = [d for d in spec.dimensions if d.section == section]
+        grid = [d for d in dims if d.is_grid(spec.search)]
+        if any(len(point) < len(grid) for point in points):  # the grid collapsed
+            section_drawn = {d.key: drawn[d.field] for d in dims if d.field in drawn}
+            space[section] = tune.grid_search(
+                [{**{f.split(".", 1)[1]: v for f, v in point.items()}, **section_drawn} for point in points]
+            )
+        else:
+            space[section] = {d.key: drawn[d.field] if d.field in drawn else tune.grid_search(list(d.values))
+                              for d in dims}
     return space
+
+
+class OptunaSpace:
+    """Optuna's define-by-run search space: suggests the fields that inert rules depend on
+    first, then every other field unless it is inert for the values suggested so far (it is
+    then left out of the trial's config: Optuna models no parameter without effect).
+
+    Grid entries are choices under Optuna. Parameters are named ``section/key`` (Ray's
+    OptunaSearch nests them into ``{"section": {"key": ...}}``). A plain object, as
+    OptunaSearch pickles its space with the searcher state.
+    """
+
+    def __init__(self, spec: SweepSpec) -> None:
+        conditions = {name for rule in INERT_FIELDS for name, _ in rule.when}
+        self.dims = sorted(spec.dimensions, key=lambda d: d.field not in conditions)  # stable
+        searched = {d.field for d in spec.dimensions}
+        self.known = {f: v for f, v in job_values(spec.job).items() if f not in searched}
+
+    def __call__(self, trial: Any) -> None:
+        values = dict(self.known)
+        for d in self.dims:
+            if inert_rules(values, [d.field]):
+                continue
+            name = d.field.replace(".", "/")
+            if d.kind in ("choice", "grid"):
+                values[d.field] = trial.suggest_categorical(name, list(d.values))
+            elif d.kind == "randint":
+                values[d.field] = trial.suggest_int(name, int(d.low), int(d.high))  # inclusive
+            else:
+                values[d.field] = trial.suggest_float(name, float(d.low), float(d.high), log=d.kind == "loguniform")
+        return None
 
 
 def _search_alg(spec: SweepSpec, max_concurrent: int) -> Tuple[Any, Optional[int]]:
@@ -332,7 +430,7 @@ def _search_alg(spec: SweepSpec, max_concurrent: int) -> Tuple[Any, Optional[int
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=spec.seed), max_concurrent
+        return OptunaSearch(space=OptunaSpace(spec), metric=spec.metric, mode=spec.mode, seed=spec.seed), max_concurrent
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent), None
@@ -496,15 +594,10 @@ def _status(metrics: Dict[str, Any], error: str, tune_status: Optional[str], spe
     return "early stopped"
 
 
-def _plain(value: Any) -> Any:
-    return getattr(value, "value", value)
-
-
 def collect_rows(spec: SweepSpec, grid: Any, statuses: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
     """One row per trial (the columns of results.csv), best first.
 
     ``statuses``: Tune trial statuses by trial id (default: those of the grid's trials)."""
-    fields = [d.field for d in spec.dimensions]
     rows = []
     for res, trial in _trials_of(grid):
         metrics = dict(res.metrics or {})
@@ -514,14 +607,7 @@ def collect_rows(spec: SweepSpec, grid: Any, statuses: Optional[Dict[str, str]] 
                     or (path.name.replace("trial_", "", 1) if path else "?"))
         tune_status = (statuses or {}).get(trial_id) or (str(trial.status) if trial is not None else None)
         error = _error_text(res.error) if res.error is not None else ""
-        try:
-            job, adjustments = trial_job(spec, config)
-            job_dict = job.to_dict()
-            params = {f: _plain(job_dict[f.split(".")[0]][f.split(".")[1]]) for f in fields}
-        except ConfigError:
-            flat = flatten_params(config)
-            params = {f: flat.get(f) for f in fields}
-            adjustments = []
+        params, adjustments, notes = describe_trial(spec, config)
         row: Dict[str, Any] = {
             "trial_id": trial_id,
             "status": _status(metrics, error, tune_status, spec),
@@ -532,8 +618,10 @@ def collect_rows(spec: SweepSpec, grid: Any, statuses: Optional[Dict[str, str]] 
         for col in METRIC_COLUMNS:
             v = metrics.get(col)
             row[col] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-        row.update(adjustments="; ".join(adjustments), error=error, trial_dir=str(path) if path else "")
+        row.update(adjustments="; ".join(adjustments), inert="; ".join(notes), error=error,
+                   trial_dir=str(path) if path else "")
         row["config"] = config  # the sampled Tune config (not a CSV column)
+        row["inert_notes"] = notes  # why a field is n/a (not a CSV column: the "inert" column joins them)
         rows.append(row)
     sign = 1.0 if spec.mode == "min" else -1.0
 
@@ -560,13 +648,25 @@ def pick_best(rows: List[Dict[str, Any]], metric: str) -> Optional[Dict[str, Any
 
 
 def write_results_csv(rows: List[Dict[str, Any]], path: Path, fields: Sequence[str]) -> Path:
-    columns = ["trial_id", "status", "step", "max_steps", *fields, *METRIC_COLUMNS, "adjustments", "error", "trial_dir"]
+    columns = ["trial_id", "status", "step", "max_steps", *fields, *METRIC_COLUMNS, "adjustments", "inert", "error",
+               "trial_dir"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     return path
+
+
+def _shown(value: Any) -> str:
+    """A parameter value in a comment: ``repr``, but n/a as it is."""
+    return NOT_APPLICABLE if value == NOT_APPLICABLE else repr(value)
+
+
+def inert_legend(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The legend of the n/a cells: one line per reason, in order of first appearance."""
+    notes = dict.fromkeys(note for r in rows for note in r.get("inert_notes", []))
+    return [f"{NOT_APPLICABLE}: {note}" for note in notes]
 
 
 def write_best_job(spec: SweepSpec, best: Dict[str, Any], path: Path, config: Dict[str, Any]) -> Path:
@@ -580,8 +680,9 @@ def write_best_job(spec: SweepSpec, best: Dict[str, Any], path: Path, config: Di
     header = [
         f"# Best trial of sweep {spec.name}: {best['trial_id']} ({best['status']}, step {best['step']}),",
         f"# {spec.metric} = {value:.4f}." if isinstance(value, float) else f"# {spec.metric} = {value}.",
-        "# Ran with: " + ", ".join(f"{f}={best.get(f)!r}" for f in (d.field for d in spec.dimensions)),
+        "# Ran with: " + ", ".join(f"{f}={_shown(best.get(f))}" for f in (d.field for d in spec.dimensions)),
     ]
+    header += [f"# {NOT_APPLICABLE}: {note}" for note in best.get("inert_notes", [])]
     if adjustments:
         header.append("# Adjusted: " + "; ".join(adjustments))
     header.append(f"# Train it: moe-lab train {path.name}")
@@ -665,8 +766,10 @@ def print_results_table(result: SweepResult, console: Any = None) -> None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: wide enough for every column
             console = Console(width=max(console.width, 240))
+    legend = inert_legend(result.rows)
     table = Table(title=f"sweep {result.directory.name}: {len(result.rows)} trials, "
-                        f"best first ({result.metric}, {result.mode})")
+                        f"best first ({result.metric}, {result.mode})",
+                  caption="\n".join(legend) or None, caption_justify="left")
     table.add_column("trial", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("step", justify="right")

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from moe_lab.cli import app
 from moe_lab.errors import ConfigError
 from moe_lab.jobs import load_job
-from moe_lab.tuning import apply_sweep_overrides, load_sweep, resume_sweep, run_sweep, trial_job
+from moe_lab.tuning import INERT_FIELDS, apply_sweep_overrides, load_sweep, resume_sweep, run_sweep, trial_job
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "jobs" / "sweep_smoke.yaml"
@@ -198,13 +198,21 @@ def test_param_space_and_resources_follow_the_spec():
     spec = load_sweep(ROUTERS)
     space = param_space(spec)
     assert space["model"]["router_type"] == tune.grid_search(["top_k", "switch", "expert_choice"])
-    assert type(space["model"]["experts_per_token"]).__name__ == "Categorical"
+    assert type(space["model"]["capacity_factor"]).__name__ == "Categorical"
+    # inert for some trials (switch; expert_choice): decided per trial once the router is known
+    assert type(space["model"]["experts_per_token"]).__name__ == "Function"
+    assert type(space["model"]["load_balancing_loss_coef"]).__name__ == "Function"
     grid = load_sweep(ROUTERS, ["search=grid", "search_space.training.learning_rate={choice: [0.001, 0.01]}",
                                 "search_space.model.load_balancing_loss_coef={choice: [0.01]}",
                                 "search_space.model.router_z_loss_coef={choice: [0.001]}"])
-    assert grid.num_trials == 3 * 1 * 1 * 3 * 2 * 2 * 3  # num_samples x every choice
-    assert param_space(grid)["model"]["capacity_factor"] == tune.grid_search([1.0, 1.25, 2.0])
-    randint = param_space(load_sweep(SMOKE, ["search_space.model.experts_per_token={randint: [1, 2]}"]))
+    # num_samples x (top_k: 3 capacity factors x 2 k; switch: 3 capacity factors, k n/a;
+    # expert_choice: 3 x 2) x 2 learning rates
+    assert grid.num_trials == 3 * (6 + 3 + 6) * 2
+    grid_space = param_space(grid)
+    assert len(grid_space["model"]["grid_search"]) == 15  # the collapsed grid: one dict per point
+    assert grid_space["training"]["learning_rate"] == tune.grid_search([0.001, 0.01])
+    randint = param_space(load_sweep(SMOKE, ["search_space.model.router_type={choice: [top_k]}",
+                                             "search_space.model.experts_per_token={randint: [1, 2]}"]))
     assert randint["model"]["experts_per_token"].upper == 3  # bounds inclusive
     plan = plan_trials(spec, spec.job, local=True, cluster_cpus=4)
     assert 0 < plan.resources["CPU"] < 1 and plan.torch_threads == 1 and plan.num_workers == 1
@@ -213,6 +221,257 @@ def test_param_space_and_resources_follow_the_spec():
     plan = plan_trials(multi, multi.job, local=False, cluster_cpus=16)
     assert plan.num_workers == 2 and plan.max_concurrent_trials == 3  # 16 CPUs // (2 workers + driver), <= 3 trials
     assert plan_trials(load_sweep(SMOKE, ["max_concurrent_trials=1"]), spec.job, True, 4).max_concurrent_trials == 1
+
+
+# ---------------------------------------------------------------------------------------
+# fields without effect (INERT_FIELDS): no Ray cluster
+# ---------------------------------------------------------------------------------------
+
+EC_NOTE = "load_balancing_loss_coef has no effect under expert_choice with drop_tokens=True: " \
+          "its balancing loss is constant (1) with zero gradient"
+
+
+def test_expert_choice_balancing_loss_is_one_with_zero_gradient():
+    """The premise of the load_balancing_loss_coef rule, and its drop_tokens condition."""
+    import torch
+
+    from moe_lab.model.routers import ExpertChoiceRouter, TopKRouter
+
+    torch.manual_seed(0)
+    x = torch.randn(24, 16)
+    mask = torch.ones(24, dtype=torch.bool)
+    mask[-5:] = False  # padding is excluded from the loss
+    for kwargs in ({}, {"capacity_factor": 2.0, "top_k": 2, "jitter_noise": 0.2}):
+        router = ExpertChoiceRouter(hidden_size=16, num_experts=4, **kwargs)
+        _, _, info = router(x, training=True, token_mask=mask)
+        info["load_balancing_loss"].backward()
+        assert info["load_balancing_loss"].item() == pytest.approx(1.0, abs=1e-6), kwargs
+        assert router.gate.weight.grad.abs().max().item() < 1e-7, kwargs
+    # not so when unpicked tokens go to their top-1 expert over capacity, nor for token choice
+    for router in (ExpertChoiceRouter(hidden_size=16, num_experts=4, capacity_factor=0.25, drop_tokens=False),
+                   TopKRouter(hidden_size=16, num_experts=4)):
+        _, _, info = router(x, training=True, token_mask=mask)
+        info["load_balancing_loss"].backward()
+        assert router.gate.weight.grad.abs().max().item() > 1e-4, router
+
+
+#: two values of each inert field that differ wherever the field has an effect
+_ALTERNATIVES = {
+    "model.load_balancing_loss_coef": (0.0, 0.5),
+    "model.capacity_factor": (0.5, 2.0),
+    "model.normalize_router_weights": (True, False),
+    "model.expert_choice_eval_routing": ("token_choice", "expert_choice"),
+}
+
+
+def _train_and_eval(**fields):
+    """Gradients of one training step (LM loss + aux loss) and the eval logits of a tiny model."""
+    import torch
+
+    from moe_lab.config import MoEConfig
+    from moe_lab.model.transformer import MoEModel
+
+    cfg = MoEConfig(vocab_size=64, hidden_size=16, num_layers=1, num_attention_heads=2, num_experts=4,
+                    expert_hidden_size=32, max_position_embeddings=16, dropout=0.0, router_jitter_noise=0.1,
+                    moe_backend="eager", **{k.split(".", 1)[1]: v for k, v in fields.items()})
+    torch.manual_seed(0)
+    model = MoEModel(config=cfg)
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    model.train()
+    torch.manual_seed(2)  # the same jitter draws
+    logits, info = model(ids, return_routing_info=True)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)) + info["aux_loss"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.eval()
+    with torch.no_grad():
+        return grads, model(ids)
+
+
+def _same_training(field, values, conditions):
+    import torch
+
+    (ga, la), (gb, lb) = (_train_and_eval(**conditions, **{field: v}) for v in values)
+    return set(ga) == set(gb) and all(torch.allclose(ga[n], gb[n], atol=1e-6) for n in ga) \
+        and torch.allclose(la, lb, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", INERT_FIELDS, ids=lambda r: r.field.split(".", 1)[1])
+def test_every_inert_rule_holds_for_the_model(rule):
+    """Each rule of INERT_FIELDS against the real model: under the rule's conditions the
+    field changes no gradient and no eval output; under another router it does (so the check
+    can fail). A rule with a fixed value is one the config enforces."""
+    import itertools
+
+    from moe_lab.config import MoEConfig
+
+    if rule.runs_with is not None:  # switch: the config only accepts experts_per_token=1
+        key = rule.field.split(".", 1)[1]
+        with pytest.raises(ConfigError, match="routes each token to 1 expert"):
+            MoEConfig(router_type="switch", **{key: 2})
+        assert getattr(MoEConfig(router_type="switch", **{key: rule.runs_with}), key) == rule.runs_with
+        return
+    assert rule.field in _ALTERNATIVES, f"add two values of {rule.field} to _ALTERNATIVES"
+    names = [n for n, _ in rule.when]
+    for combo in itertools.product(*(allowed for _, allowed in rule.when)):
+        assert _same_training(rule.field, _ALTERNATIVES[rule.field], dict(zip(names, combo))), combo
+    other = next(r for r in ("top_k", "switch", "expert_choice") if r not in dict(rule.when)["model.router_type"])
+    control = {n: (other if n == "model.router_type" else allowed[0]) for n, allowed in rule.when}
+    assert not _same_training(rule.field, _ALTERNATIVES[rule.field], control), control
+
+
+def test_inert_rules_are_checked():
+    from moe_lab.tuning import InertRule, check_inert_rules
+
+    with pytest.raises(ConfigError, match=r"inert rule for 'model.router_typ'.*unknown field"):
+        check_inert_rules([InertRule("model.router_typ", (("model.drop_tokens", (True,)),), "x")])
+    with pytest.raises(ConfigError, match=r"'model.drop_tokens' is also a condition"):
+        check_inert_rules([InertRule("model.drop_tokens", (("model.router_type", ("top_k",)),), "x"),
+                           InertRule("model.capacity_factor", (("model.drop_tokens", (False,)),), "x")])
+
+
+def _tune_trial_configs(spec, storage, num_samples=None):
+    """The trial configs Tune's BasicVariantGenerator makes of param_space(spec), as in a run
+    (the same seed; no cluster needed)."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from moe_lab.orchestration.tune import param_space
+
+    exp = Experiment("configs", run=lambda config: None, config=param_space(spec), storage_path=str(storage),
+                     num_samples=num_samples or spec.num_samples)
+    gen = BasicVariantGenerator(random_state=spec.seed)
+    gen.add_configurations([exp])
+    configs = []
+    while not gen.is_finished():
+        trial = gen.next_trial()
+        if trial is None:
+            break
+        configs.append(trial.config)
+    return configs
+
+
+def _grid_over_routers_and_coef(tmp_path, **fields):
+    data = _sweep(tmp_path, {"model.router_type": {"grid": ["top_k", "switch", "expert_choice"]},
+                                    "model.load_balancing_loss_coef": {"grid": [0.001, 0.01, 0.1]},
+                                    "training.learning_rate": {"grid": [0.001, 0.003]}}, **fields)
+    return load_sweep(data)
+
+
+def test_grid_collapses_the_inert_coefficient_for_expert_choice(tmp_path):
+    from moe_lab.tuning import grid_points
+
+    spec = _grid_over_routers_and_coef(tmp_path, num_samples=2)
+    model = grid_points(spec)["model"]
+    ec = [v for v in model if v["model.router_type"] == "expert_choice"]
+    assert ec == [{"model.router_type": "expert_choice"}]  # one trial, no coefficient
+    assert sorted((v["model.router_type"], v["model.load_balancing_loss_coef"]) for v in model if v not in ec) == \
+        sorted((r, c) for r in ("top_k", "switch") for c in (0.001, 0.01, 0.1))
+    assert grid_points(spec)["training"] == [{"training.learning_rate": 0.001}, {"training.learning_rate": 0.003}]
+    assert spec.num_trials == 2 * 7 * 2  # num_samples x (3 + 3 + 1) x 2 learning rates
+    # what Tune runs: every trial once, expert_choice without a coefficient, then the base job's
+    assert len(_tune_trial_configs(spec, tmp_path / "all")) == spec.num_trials  # what "interrupted" counts on
+    configs = _tune_trial_configs(spec, tmp_path / "one", num_samples=1)
+    assert len(configs) == 7 * 2
+    keys = [json.dumps(c, sort_keys=True) for c in configs]
+    assert len(set(keys)) == len(keys)
+    ec_configs = [c for c in configs if c["model"]["router_type"] == "expert_choice"]
+    assert len(ec_configs) == 2 and all("load_balancing_loss_coef" not in c["model"] for c in ec_configs)
+    for c in ec_configs:
+        assert trial_job(spec, c)[0].model.load_balancing_loss_coef == spec.job.model.load_balancing_loss_coef
+    # with drop_tokens=false the balancing loss acts under expert choice too: no collapse
+    assert _grid_over_routers_and_coef(tmp_path, overrides=yaml.safe_load(SMOKE.read_text())["overrides"]
+                                       + ["model.drop_tokens=false"]).num_trials == 9 * 2
+
+
+def test_random_and_optuna_search_draw_no_inert_value(tmp_path):
+    import optuna
+    import pickle
+
+    from moe_lab.orchestration.tune import OptunaSpace
+
+    base_coef = load_sweep(ROUTERS).job.model.load_balancing_loss_coef
+    # router_type drawn per trial: the coefficient is decided once the router is drawn
+    spec = load_sweep(ROUTERS, ["search_space.model.router_type={choice: [top_k, switch, expert_choice]}"])
+    models = [c["model"] for c in _tune_trial_configs(spec, tmp_path / "a", num_samples=60)]
+    ec = [m for m in models if m["router_type"] == "expert_choice"]
+    others = [m["load_balancing_loss_coef"] for m in models if m["router_type"] != "expert_choice"]
+    assert ec and all(m["load_balancing_loss_coef"] == base_coef for m in ec)
+    assert len(set(others)) == len(others) and all(0.001 <= c <= 0.1 for c in others)  # drawn, not copied
+    assert all(m["experts_per_token"] == 1 for m in models if m["router_type"] == "switch")
+    assert {m["experts_per_token"] for m in models if m["router_type"] != "switch"} == {1, 2}
+    # the sweep's seed makes it reproducible
+    assert [c["model"] for c in _tune_trial_configs(spec, tmp_path / "b", num_samples=60)] == models
+    # router_type a grid (the default sweep): the same, no draw for expert_choice
+    models = [c["model"] for c in _tune_trial_configs(load_sweep(ROUTERS), tmp_path / "c", num_samples=20)]
+    assert [m["router_type"] for m in models[:3]] == ["top_k", "switch", "expert_choice"] and len(models) == 60
+    assert all(m["load_balancing_loss_coef"] == base_coef for m in models if m["router_type"] == "expert_choice")
+    assert len({m["load_balancing_loss_coef"] for m in models if m["router_type"] != "expert_choice"}) == 40
+    # optuna: define-by-run, the router first, no coefficient for expert_choice
+    opt = load_sweep(ROUTERS, ["search=optuna"])
+    space = pickle.loads(pickle.dumps(OptunaSpace(opt)))  # OptunaSearch pickles its space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    params = []
+    for _ in range(12):
+        trial = study.ask()
+        space(trial)
+        params.append(trial.params)
+        study.tell(trial, 1.0)
+    assert {p["model/router_type"] for p in params} == {"top_k", "switch", "expert_choice"}
+    for p in params:
+        assert ("model/load_balancing_loss_coef" in p) == (p["model/router_type"] != "expert_choice"), p
+        assert ("model/experts_per_token" in p) == (p["model/router_type"] != "switch"), p
+
+
+def test_results_show_inert_fields_as_na_with_the_reason(tmp_path):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from moe_lab.orchestration.tune import collect_rows, print_results_table, write_best_job, write_results_csv
+    from moe_lab.tuning import NOT_APPLICABLE, SweepResult
+
+    spec = load_sweep(ROUTERS, [f"output_dir={tmp_path}", "name=t"])
+    fields = [d.field for d in spec.dimensions]
+    common = {"router_z_loss_coef": 0.001, "capacity_factor": 1.25}
+    trials = [  # what Tune hands back: configs as param_space draws them, and the last result
+        ({"model": {"router_type": "expert_choice", "load_balancing_loss_coef": 0.01, "experts_per_token": 1,
+                    **common}}, 2.5),
+        ({"model": {"router_type": "top_k", "load_balancing_loss_coef": 0.02, "experts_per_token": 2, **common}}, 3.0),
+        ({"model": {"router_type": "switch", "load_balancing_loss_coef": 0.05, **common}}, 3.5),
+    ]
+    grid = [SimpleNamespace(config={**c, "training": {"learning_rate": 0.003}}, path=None, error=None,
+                            metrics={"trial_id": f"t{i}", "step": 300, "max_steps": 300, "eval_loss": loss})
+            for i, (c, loss) in enumerate(trials)]
+    rows = {r["model.router_type"]: r for r in collect_rows(spec, grid, {})}
+    assert rows["expert_choice"]["model.load_balancing_loss_coef"] == NOT_APPLICABLE
+    assert rows["expert_choice"]["inert"].startswith(EC_NOTE)
+    assert rows["top_k"]["model.load_balancing_loss_coef"] == 0.02 and rows["top_k"]["inert"] == ""
+    assert rows["switch"]["model.experts_per_token"] == NOT_APPLICABLE
+    assert "experts_per_token 2 -> 1" in rows["switch"]["adjustments"]
+    assert rows["switch"]["model.load_balancing_loss_coef"] == 0.05
+    with open(write_results_csv(list(rows.values()), tmp_path / "results.csv", fields), newline="") as f:
+        csv_rows = {r["model.router_type"]: r for r in csv.DictReader(f)}
+    assert csv_rows["expert_choice"]["model.load_balancing_loss_coef"] == "n/a"
+    assert csv_rows["expert_choice"]["inert"].startswith(EC_NOTE)
+    assert float(csv_rows["top_k"]["model.load_balancing_loss_coef"]) == 0.02
+    # the printed table: n/a in the expert_choice row, and the legend says why
+    ordered = sorted(rows.values(), key=lambda r: r["eval_loss"])
+    result = SweepResult(directory=tmp_path / "t", rows=ordered, best=ordered[0], metric="eval_loss", mode="min",
+                         results_csv=tmp_path / "results.csv", best_job_path=None, plot_path=None,
+                         elapsed_seconds=1.0, param_fields=fields)
+    console = Console(record=True, width=400)
+    print_results_table(result, console=console)
+    text = console.export_text()
+    ec_line = next(line for line in text.splitlines() if "expert_choice" in line and "t0" in line)
+    assert "n/a" in ec_line
+    assert "n/a: " + EC_NOTE in " ".join(text.split())
+    assert "n/a: experts_per_token has no effect under switch" in text
+    # best.yaml (the expert_choice trial): n/a and why in its header, the base coefficient in the job
+    best = write_best_job(spec, ordered[0], tmp_path / "best.yaml", ordered[0]["config"])
+    header = best.read_text().split("\nname:")[0]
+    assert "model.load_balancing_loss_coef=n/a" in header and "# n/a: " + EC_NOTE in " ".join(header.split())
+    assert load_job(best).model.load_balancing_loss_coef == spec.job.model.load_balancing_loss_coef
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,6 +506,14 @@ def test_small_sweep_writes_table_best_job_and_plot(smoke_sweep):
         assert float(r["eval_perplexity"]) == pytest.approx(math.exp(float(r["eval_loss"])), rel=1e-6)
     switch = next(r for r in rows if r["model.router_type"] == "switch")
     assert "experts_per_token 2 -> 1" in switch["adjustments"]
+    # expert choice drew no balancing coefficient (it has no effect there) and ran with the base job's
+    ec = next(r for r in rows if r["model.router_type"] == "expert_choice")
+    assert ec["model.load_balancing_loss_coef"] == "n/a" and ec["inert"].startswith(EC_NOTE)
+    base_coef = load_sweep(SMOKE).job.model.load_balancing_loss_coef
+    ec_config = next(r for r in res.rows if r["trial_id"] == ec["trial_id"])["config"]
+    assert ec_config["model"]["load_balancing_loss_coef"] == base_coef
+    assert load_job(Path(ec["trial_dir"]) / "job.yaml").model.load_balancing_loss_coef == base_coef
+    assert all(0.001 <= float(r["model.load_balancing_loss_coef"]) <= 0.1 for r in rows if r is not ec)
     assert load_job(Path(switch["trial_dir"]) / "job.yaml").model.experts_per_token == 1
     # best first, and best.yaml is that trial's job
     losses = [float(r["eval_loss"]) for r in rows]
@@ -309,6 +576,7 @@ def test_asha_stops_the_bad_trial_early(ray_cluster, tmp_path):
     # the 1e-6 trial is below it at its first evaluation and stops there
     res = run_sweep(SMOKE, [f"output_dir={tmp_path}", "name=asha", "max_concurrent_trials=1",
                             "search_space.model.router_type={choice: [top_k]}",
+                            "search_space.model.load_balancing_loss_coef={choice: [0.01]}",
                             "search_space.training.learning_rate={grid: [0.01, 0.000001]}",
                             "training.eval_steps=1", "training.max_steps=4",
                             "scheduler={type: asha, grace_period: 1, reduction_factor: 2, max_t: 4}"], verbose=0)
@@ -385,6 +653,7 @@ def test_multi_worker_trial_reports_through_ray_train(ray_cluster, tmp_path):
     res = run_sweep(SMOKE, [f"output_dir={tmp_path}", "name=workers", "max_concurrent_trials=1",
                             "training.mixed_precision=false",
                             "search_space.model.router_type={choice: [top_k]}",
+                            "search_space.model.load_balancing_loss_coef={choice: [0.01]}",
                             "search_space.training.learning_rate={choice: [0.005]}",
                             "search_space.scaling.num_workers={grid: [1, 2]}"], verbose=0)
     rows = {int(r["scaling.num_workers"]): r for r in _rows(res.directory)}
