@@ -89,6 +89,14 @@ def hf_block(h: int, f: int, e: int, k: int, impl: str, device: torch.device, dt
     return blk
 
 
+def _check(shape: Tuple[int, ...], name: str, out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Print one ``check ...`` line (a fixed format: tests parse it) and return the relative error."""
+    max_abs = (out - ref).abs().max().item()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    print(f"check {shape} {name} vs moe_lab eager: max abs err = {max_abs:.1e}, rel err = {rel:.1e}")
+    return rel
+
+
 def run_shape(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype, iters: int, warmup: int,
               compare_hf: bool, profile: bool, use_compile: bool) -> List[Dict[str, object]]:
     t, h, f, e, k = shape
@@ -107,12 +115,12 @@ def run_shape(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype, 
     with torch.no_grad():
         ref = moe("eager")(x).float()
         fast = moe("grouped")(x).float()
-    err = ((fast - ref).norm() / ref.norm()).item()
+    err = _check(shape, "moe_lab grouped", fast, ref)
     compiled = err_c = None
     if use_compile:
         compiled = torch.compile(moe("grouped"))
         with torch.no_grad():
-            err_c = ((compiled(x).float() - ref).norm() / ref.norm()).item()
+            err_c = _check(shape, "moe_lab grouped + compile", compiled(x).float(), ref)
     dense = DenseSwiGLU(h, k * f).to(device=device, dtype=dtype)
     candidates = [("dense SwiGLU (equal FLOPs)", dense, None)]
     if compare_hf:

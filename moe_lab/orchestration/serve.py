@@ -15,7 +15,9 @@ Routes (FastAPI ingress; JSON errors in the OpenAI shape ``{"error": {"message",
   ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` (extension), ``stop``, ``seed``,
   ``n`` (1 only), ``stream`` (server-sent events, ending with ``data: [DONE]``).
 - ``GET /v1/models``, ``GET /v1/stats`` (expert-cache stats, tokens served, requests, and
-  an ExpertMonitor's stats when moe_lab.analytics provides one), ``GET /healthz`` (no auth).
+  ``monitor``: the live stats of the :class:`~moe_lab.analytics.ExpertMonitor` each replica
+  attaches at start-up; the key is absent if it could not be attached, and holds
+  ``{"error": ...}`` if reading it fails), ``GET /healthz`` (no auth).
 
 Behaviour:
 

@@ -97,9 +97,14 @@ class AtomicDirectory:
         _fsync_dir(self.tmp)
         old = None
         if self.target.exists():
-            old = self.target.with_name(f".old-{self.target.name}-{os.getpid()}")
+            old = self.target.with_name(f"{_OLD_PREFIX}{self.target.name}-{os.getpid()}")
             os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
+        try:
+            os.rename(self.tmp, self.target)
+        except BaseException:
+            if old is not None and not self.target.exists():
+                os.rename(old, self.target)  # put the previous checkpoint back
+            raise
         _fsync_dir(self.target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -117,13 +122,30 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
+_OLD_PREFIX = ".old-"
+
+
 def clean_stale_temporaries(directory: str | os.PathLike) -> None:
-    """Remove ``.tmp-*`` / ``.old-*`` leftovers of interrupted saves."""
+    """Clean up after interrupted saves in ``directory``.
+
+    A ``.old-NAME-PID`` whose ``NAME`` is missing is a complete previous checkpoint whose
+    replacement never moved in (the process died between the two renames): it is put back.
+    Every other ``.tmp-*`` / ``.old-*`` leftover is removed.
+    """
     d = Path(directory)
     if not d.is_dir():
         return
+    for child in sorted(d.iterdir()):
+        if child.is_dir() and child.name.startswith(_OLD_PREFIX):
+            name, _, pid = child.name[len(_OLD_PREFIX):].rpartition("-")
+            target = d / name
+            if name and pid.isdigit() and not target.exists():
+                os.rename(child, target)
+                logger.warning("restored %s: a save replacing it was interrupted", target)
+            else:
+                shutil.rmtree(child, ignore_errors=True)
     for child in d.iterdir():
-        if child.is_dir() and (child.name.startswith(".tmp-") or child.name.startswith(".old-")):
+        if child.is_dir() and child.name.startswith(".tmp-"):
             shutil.rmtree(child, ignore_errors=True)
 
 
@@ -241,6 +263,12 @@ def load_optimizer_state(
     """Inverse of :func:`optimizer_state_by_name`. ``expert_slices`` maps a sharded parameter's
     name to the rows of the full tensor that this rank holds."""
     params = dict(model.named_parameters())
+    saved_class = meta.get("class")
+    if saved_class is not None and saved_class != type(optimizer).__name__:
+        raise CheckpointError(
+            f"the checkpoint holds {saved_class} state but the optimizer is {type(optimizer).__name__}; "
+            f"pass an optimizer of the same class"
+        )
     if len(meta["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(
             f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint has {len(meta['param_groups'])}"
@@ -352,7 +380,11 @@ def load_training_state(
         tensors = _read_weights(d / OPTIMIZER_TENSORS)
         load_optimizer_state(model, optimizer, tensors, read_json(d / OPTIMIZER_META), expert_slices)
     elif optimizer is not None and (d / "optimizer.pt").exists():  # legacy format: tensors only, no pickle
-        optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:  # an unsafe or corrupt pickle: refused, never executed
+            raise CheckpointError(f"cannot read {d / 'optimizer.pt'} as weights only: {exc}") from None
+        optimizer.load_state_dict(state)
     if scheduler is not None and (d / SCHEDULER_NAME).exists():
         state = read_json(d / SCHEDULER_NAME)
         state["lr_lambdas"] = [None] * len(getattr(scheduler, "lr_lambdas", [None]))

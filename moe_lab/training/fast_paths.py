@@ -1,12 +1,17 @@
 """GPU fast paths for training, applied to a built model (like parallelism).
 
 On CUDA, ``apply_fast_paths`` compiles every decoder layer with ``torch.compile`` (the layers
-share one graph), fuses the cross-entropy with the fp32 upcast of the logits, and enables
-TF32 for the few fp32 matmuls (the router). The grouped expert matmul and SDPA flash
-attention are used in eager mode too. On CPU nothing changes. Turn it off with
+share one graph), fuses the cross-entropy with the fp32 upcast of the logits (it returns a
+compiled :func:`lm_loss_sum`), and enables TF32 for the few fp32 matmuls (the router; the
+``torch.backends`` TF32 flags it sets are process-wide). The grouped expert matmul and SDPA
+flash attention are used in eager mode too. On any other device nothing changes: it returns
+the eager :func:`lm_loss_sum` and compiles nothing. Turn it off with
 ``training.fast_paths: false`` (``MoETrainer(fast_paths=False)``) to debug in eager mode.
-Every fast path is tested against the eager reference (tests/training/test_fast_paths.py,
-and the GPU check in benchmarks/train_step.py).
+
+Tests: tests/training/test_fast_paths.py checks :func:`lm_loss_sum` against a hand-computed
+cross-entropy, that the CPU path compiles nothing, and (slow) the compiled loss against the
+eager one on CPU; benchmarks/gpu_check.py checks the compiled layers + compiled loss against
+eager on a GPU (loss and gradients of one training step).
 """
 
 from __future__ import annotations

@@ -178,6 +178,108 @@ def test_expert_choice_eval_expert_choice_single_token_goes_to_every_expert():
     assert torch.allclose(w.sum(), torch.tensor(1.0))
 
 
+# ---- expert choice is not causal in training ------------------------------------------
+# Two experts, capacity 2 of 4 tokens; the gate scores a token by its hidden feature 0:
+# expert 0 prefers large values, expert 1 small ones. Token 0 (0.5) is in expert 0's top 2
+# of [0.5, 1.0, -1.0, -2.0]; raising one other token to 2.0 pushes it out of expert 0's
+# top 2 and into expert 1's. So token 0's routing depends on a token it cannot see.
+EC_VALUES = [0.5, 1.0, -1.0, -2.0]
+
+
+def _ec_layer(**kw):
+    from helpers import tiny_config
+
+    from moe_lab import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(tiny_config(router_type="expert_choice", num_experts=2, experts_per_token=1,
+                                 capacity_factor=1.0, **kw))
+    _rigged(layer.router, [1.0, -1.0])
+    return layer
+
+
+def _ec_input(shape, changed=None):
+    x = torch.randn(32, generator=torch.Generator().manual_seed(1)).repeat(4, 1)  # only feature 0 differs
+    x[:, 0] = torch.tensor(EC_VALUES)
+    x = x.view(*shape, 32)
+    if changed is not None:
+        x[changed + (0,)] = 2.0
+    return x
+
+
+def test_expert_choice_router_training_routing_depends_on_other_tokens():
+    r = _rigged(ExpertChoiceRouter(4, 2, capacity_factor=1.0, top_k=1), [1.0, -1.0])
+    assert r.capacity(4) == 2
+    x = _ones(4, 4)
+    x[:, 0] = torch.tensor(EC_VALUES)
+    w, idx, _ = r(x, training=True)
+    x2 = x.clone()
+    x2[3, 0] = 2.0  # a later token
+    w2, idx2, _ = r(x2, training=True)
+    assert idx[0].tolist() == [0, -1] and idx2[0].tolist() == [-1, 1]
+    assert w[0, 0] > 0 and w[0, 1] == 0 and w2[0, 0] == 0 and w2[0, 1] > 0
+    # eval with the default token-choice routing: token 0 keeps its expert and weight
+    we, idxe, _ = r(x, training=False)
+    we2, idxe2, _ = r(x2, training=False)
+    assert idxe[0].tolist() == idxe2[0].tolist() == [0]
+    assert torch.equal(we[0], we2[0])
+
+
+@pytest.mark.parametrize(
+    "shape, changed",
+    [((1, 4), (0, 3)), ((2, 2), (1, 0))],
+    ids=["later-position-same-sequence", "other-sequence"],
+)
+def test_expert_choice_layer_output_not_causal_in_training_causal_in_eval(shape, changed):
+    layer = _ec_layer()
+    assert layer.router.eval_routing == "token_choice"  # the config default
+    x, x2 = _ec_input(shape), _ec_input(shape, changed)
+    with torch.no_grad():
+        layer.train()
+        y, info = layer(x)
+        y2, info2 = layer(x2)
+        layer.eval()
+        ye, infoe = layer(x)
+        ye2, infoe2 = layer(x2)
+        alone = layer(x[:1, :1])[0][0, 0]  # token 0 on its own, as in one-token decoding
+    # training: token 0 moves from expert 0 to expert 1, and its output changes
+    assert info["expert_indices"][0].tolist() == [0, -1] and info2["expert_indices"][0].tolist() == [-1, 1]
+    assert y[0, 0].norm() > 0 and (y[0, 0] - y2[0, 0]).norm() > 0.1 * y[0, 0].norm()
+    # eval (token choice): token 0 keeps expert 0 and its output
+    assert infoe["expert_indices"][0].tolist() == infoe2["expert_indices"][0].tolist() == [0]
+    tol = dict(rtol=1e-5, atol=1e-6 * float(ye[0, 0].abs().max()))  # the outputs are small (init std 0.02)
+    assert ye[0, 0].norm() > 0
+    torch.testing.assert_close(ye2[0, 0], ye[0, 0], **tol)
+    torch.testing.assert_close(alone, ye[0, 0], **tol)
+
+
+def test_expert_choice_eval_routing_expert_choice_is_not_causal_in_eval_either():
+    layer = _ec_layer(expert_choice_eval_routing="expert_choice").eval()
+    _, info = layer(_ec_input((1, 4)))
+    _, info2 = layer(_ec_input((1, 4), (0, 3)))
+    assert info["expert_indices"][0].tolist() == [0, -1] and info2["expert_indices"][0].tolist() == [-1, 1]
+
+
+def test_expert_choice_model_eval_logits_do_not_see_later_tokens_or_other_sequences():
+    from helpers import tiny_config
+
+    from moe_lab import MoEModel
+
+    torch.manual_seed(0)
+    model = MoEModel.from_config(tiny_config(router_type="expert_choice")).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        ref = model(ids)
+    changed = ids.clone()
+    changed[0, 5:] = (ids[0, 5:] + 1) % 97  # later tokens of sequence 0
+    changed[1] = (ids[1] + 7) % 97  # all of sequence 1
+    with torch.no_grad():
+        out = model(changed)
+    torch.testing.assert_close(out[0, :5], ref[0, :5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids[:1, :5])[0], ref[0, :5], rtol=1e-5, atol=1e-5)  # = the prefix alone
+    assert not torch.allclose(out[0, 5:], ref[0, 5:])  # the changed positions themselves do change
+
+
 # ---- losses by hand ----------------------------------------------------------------------
 def test_load_balancing_loss_by_hand():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])

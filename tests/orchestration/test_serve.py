@@ -93,8 +93,13 @@ def test_healthz_and_models(server):
     assert models["data"][0]["max_model_len"] == 64
 
 
-def test_greedy_completion_equals_local_model(server):
-    local = OptimizedMoEModel(server["ckpt"], max_experts_in_memory=2)
+@pytest.fixture(scope="module")
+def local(server):
+    """The served checkpoint loaded in this process, as the replicas load it."""
+    return OptimizedMoEModel(server["ckpt"], max_experts_in_memory=2)
+
+
+def test_greedy_completion_equals_local_model(server, local):
     want = local.complete([CompletionRequest("12 + 5 =", max_tokens=12, temperature=0)])[0]
     r = _post(server, {"model": "moe-lab", "prompt": "12 + 5 =", "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200, r.text
@@ -189,12 +194,25 @@ def test_bad_input_is_4xx_naming_the_field(server, body, status, field):
     assert _healthy(server)
 
 
-def test_still_serving_after_bad_input(server):
-    for body, _, _ in BAD_INPUTS[:6]:
-        requests.post(f"{server['url']}/v1/completions", data=body if isinstance(body, bytes) else json.dumps(body),
-                      timeout=30)
+def test_still_serving_after_bad_input(server, local):
+    before = requests.get(f"{server['url']}/v1/stats", timeout=30).json()["requests"]
+    for body, status, _ in BAD_INPUTS[:6]:
+        r = requests.post(f"{server['url']}/v1/completions", timeout=30,
+                          data=body if isinstance(body, bytes) else json.dumps(body))
+        assert r.status_code == status
     r = _post(server, {"prompt": "ok", "max_tokens": 3, "temperature": 0})
-    assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) >= 0
+    assert r.status_code == 200, r.text
+    # the answer after the bad requests is the right one: the same greedy completion as a
+    # local model of the same checkpoint, not an empty or stale reply
+    want = local.complete([CompletionRequest("ok", max_tokens=3, temperature=0)])[0]
+    assert want.text == local.tokenizer.decode(want.token_ids) and want.completion_tokens >= 1
+    body = r.json()
+    assert body["choices"][0]["text"] == want.text
+    assert body["choices"][0]["finish_reason"] == want.finish_reason
+    assert body["usage"]["completion_tokens"] == want.completion_tokens
+    after = requests.get(f"{server['url']}/v1/stats", timeout=30).json()["requests"]
+    assert after["errors_4xx"] - before["errors_4xx"] == 6  # each bad request was counted as a 4xx
+    assert after["completed"] - before["completed"] == 1
 
 
 def test_auth_on(server):

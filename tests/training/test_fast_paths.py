@@ -1,0 +1,119 @@
+"""moe_lab.training.fast_paths on CPU: the loss by hand, and the CPU path compiles nothing.
+
+The CUDA path (compiled decoder layers + compiled loss) is checked against eager on a GPU
+by benchmarks/gpu_check.py.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from moe_lab import MoEModel, MoETrainer
+from moe_lab.constants import IGNORE_INDEX
+from moe_lab.training.fast_paths import apply_fast_paths, lm_loss_sum
+
+
+def _by_hand(logits_BSV, labels_BS):
+    """Sum over b, t < S-1 with labels[b, t+1] != -100 of -log softmax(logits[b, t])[labels[b, t+1]]."""
+    total = 0.0
+    b_size, s_size, _ = logits_BSV.shape
+    for b in range(b_size):
+        for t in range(s_size - 1):
+            y = int(labels_BS[b, t + 1])
+            if y == -100:
+                continue
+            row = [float(v) for v in logits_BSV[b, t]]
+            m = max(row)
+            log_z = m + math.log(sum(math.exp(v - m) for v in row))
+            total += log_z - row[y]
+    return total
+
+
+def _case():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g) * 3
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[0, 2] = IGNORE_INDEX
+    labels[1, 4] = IGNORE_INDEX
+    labels[1, 0] = IGNORE_INDEX  # position 0 is never a target: no effect either way
+    return logits, labels
+
+
+def test_ignore_index_is_minus_100():
+    assert IGNORE_INDEX == -100
+
+
+def test_lm_loss_sum_equals_hand_computed_shifted_cross_entropy():
+    logits, labels = _case()
+    got = lm_loss_sum(logits, labels)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert float(got) == pytest.approx(_by_hand(logits, labels), rel=1e-5)
+    # a sum, not a mean: 2 * 4 targets, 2 of them ignored (labels[1, 0] is not a target)
+    per_target = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+    assert float(got) == pytest.approx(float(per_target.sum()), rel=1e-6)
+    assert int((labels[:, 1:] != IGNORE_INDEX).sum()) == 6
+
+
+def test_lm_loss_sum_shifts_by_one():
+    logits, labels = _case()
+    base = lm_loss_sum(logits, labels)
+    # the last position predicts nothing, the first label is nobody's target
+    changed_logits = logits.clone()
+    changed_logits[:, -1] += torch.randn(2, 7) * 5
+    changed_labels = labels.clone()
+    changed_labels[:, 0] = (labels[:, 0].clamp(min=0) + 1) % 7
+    assert torch.equal(lm_loss_sum(changed_logits, changed_labels), base)
+    # ... while the logits at position 0 predict labels[:, 1]
+    changed_logits = logits.clone()
+    changed_logits[0, 0, labels[0, 1]] += 4.0  # more confident in the right next token: lower loss
+    assert float(lm_loss_sum(changed_logits, labels)) < float(base) - 1e-3
+
+
+def test_lm_loss_sum_all_ignored_is_zero_and_bf16_is_upcast():
+    logits, labels = _case()
+    assert float(lm_loss_sum(logits, torch.full_like(labels, IGNORE_INDEX))) == 0.0
+    low = logits.to(torch.bfloat16)
+    got = lm_loss_sum(low, labels)
+    assert got.dtype == torch.float32  # computed in fp32, not in bf16
+    assert float(got) == pytest.approx(_by_hand(low.float(), labels), rel=1e-5)
+
+
+def _tf32_flags():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_apply_fast_paths_on_cpu_returns_the_eager_loss_and_compiles_nothing():
+    torch.manual_seed(0)
+    model = MoEModel.from_config(tiny_config()).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    before = model(ids)
+    flags = _tf32_flags()
+    fn = apply_fast_paths(model, torch.device("cpu"))
+    assert fn is lm_loss_sum
+    assert all(layer._compiled_call_impl is None for layer in model.layers)  # what nn.Module.compile sets
+    assert _tf32_flags() == flags
+    assert torch.equal(model(ids), before)
+
+
+def test_trainer_on_cpu_uses_the_eager_loss():
+    model = MoEModel.from_config(tiny_config())
+    trainer = MoETrainer(model, device="cpu", fast_paths=True, progress_bar=False, tensorboard=False)
+    assert trainer.loss_sum_fn is lm_loss_sum
+    assert all(layer._compiled_call_impl is None for layer in trainer.model.layers)
+
+
+@pytest.mark.slow  # compiling on CPU takes ~30 s on 2 cores
+def test_compiled_lm_loss_sum_equals_eager_on_cpu():
+    logits, labels = _case()
+    compiled = torch.compile(lm_loss_sum, dynamic=False)  # what apply_fast_paths returns on CUDA
+    x_eager = logits.clone().requires_grad_()
+    x_comp = logits.clone().requires_grad_()
+    eager = lm_loss_sum(x_eager, labels)
+    got = compiled(x_comp, labels)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    eager.backward()
+    got.backward()
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-5, atol=1e-6)
+    assert (x_eager.grad[:, -1] == 0).all()  # the last position gets no gradient
