@@ -100,11 +100,9 @@ def main() -> int:
     direct_lat = _time(lambda: direct.complete([req]), args.sequential)
     want = direct.complete([req])[0].text
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ray.init("local", num_cpus=4, object_store_memory=256 * 1024**2, include_dashboard=False,
              log_to_driver=False, logging_level="WARNING")
+    port = _free_port()  # after Ray started its own processes, outside Linux's ephemeral range
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app_builder(ServeArgs(checkpoint=ckpt, device=args.device, max_experts_in_memory=args.max_experts_in_memory,
@@ -164,6 +162,21 @@ def main() -> int:
           f"batches under load: {stats['batches']} for {stats['batched_requests']} requests "
           f"(largest {stats['max_batch']})")
     return 0
+
+
+def _free_port() -> int:
+    """A free loopback port in [20000, 32000): above Ray's worker ports (10002-19999) and below
+    the ephemeral range (32768+), so no other process picks it between this check and Serve's bind."""
+    import random
+
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in [20000, 32000)")
 
 
 if __name__ == "__main__":

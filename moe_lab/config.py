@@ -5,8 +5,10 @@
 
 Invalid values raise :class:`moe_lab.errors.ConfigError` (also a ``ValueError``) with a
 message that names each bad field, its value and what was expected. Derived values
-(``intermediate_size``, router-specific capacity defaults) are properties, so what you
-store is exactly what is saved.
+(``kv_heads``, ``head_dim``, ``intermediate_size``, ``dense_ffn_size``, ``moe_layer_indices``)
+are properties, so what you store is exactly what is saved. Router-specific defaults
+(``capacity_factor=None``, ``router_jitter_noise=None``) are resolved by
+:func:`moe_lab.model.routers.build_router`.
 """
 
 from __future__ import annotations
@@ -114,7 +116,17 @@ class MoEConfig(_StrictModel):
 
     Router options: ``capacity_factor=None`` means the router's own default (top_k: no
     capacity limit; switch: 1.25; expert_choice: 1.0). ``router_jitter_noise=None`` means
-    the router's default (switch: 0.1, others 0.0).
+    the router's default (switch: 0.1, others 0.0). ``router_type="switch"`` routes each
+    token to one expert: ``experts_per_token`` left unset becomes 1, any other explicit
+    value is an error.
+
+    Capacity applies while training. Evaluation and inference (``model.eval()``) never drop
+    tokens unless ``eval_capacity_factor`` is set, so a sequence's eval logits do not depend
+    on the other sequences of its batch (except under expert choice with
+    ``expert_choice_eval_routing="expert_choice"``, which ranks tokens against the batch). Capacity is computed per call, from the tokens of
+    that call: under data or expert parallelism, from this rank's micro-batch (as in
+    Megatron-Core), so each rank's tokens are dropped exactly as a single-process forward of
+    that micro-batch alone would drop them.
     """
 
     # vocabulary and trunk
@@ -142,6 +154,7 @@ class MoEConfig(_StrictModel):
     # router
     router_type: RouterType = RouterType.TOP_K
     capacity_factor: Optional[float] = Field(None, gt=0)
+    eval_capacity_factor: Optional[float] = Field(None, gt=0)  #: None: no dropping in eval mode
     drop_tokens: bool = True
     router_jitter_noise: Optional[float] = Field(None, ge=0, lt=1)
     normalize_router_weights: bool = True
@@ -151,6 +164,16 @@ class MoEConfig(_StrictModel):
     router_z_loss_coef: float = Field(0.001, ge=0)
     # implementation
     moe_backend: Literal["auto", "grouped", "eager"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch_routes_one_expert(cls, data: Any) -> Any:
+        """``router_type="switch"`` with ``experts_per_token`` unset means top-1."""
+        if isinstance(data, dict) and "experts_per_token" not in data:
+            rt = data.get("router_type")
+            if rt == RouterType.SWITCH or rt == RouterType.SWITCH.value:
+                data = {**data, "experts_per_token": 1}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":
@@ -183,7 +206,7 @@ class MoEConfig(_StrictModel):
         if self.router_type == RouterType.SWITCH and self.experts_per_token != 1:
             problems.append(
                 f"router_type 'switch' routes each token to 1 expert; got experts_per_token "
-                f"({self.experts_per_token}), set it to 1"
+                f"({self.experts_per_token}): leave it unset or set it to 1"
             )
         if problems:
             raise ValueError("; ".join(problems))

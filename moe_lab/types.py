@@ -8,7 +8,7 @@ Shape letters used throughout the package (after torchtitan):
 from __future__ import annotations
 
 from enum import Enum
-from typing import Dict, List, TypedDict
+from typing import Dict, List, Tuple, TypedDict
 
 import torch
 
@@ -40,9 +40,6 @@ class ExpertType(str, Enum):
 #: ``{expert_id: flat parameter vector}`` for one layer, or ``{layer_idx: [E, params_per_expert]}``.
 ExpertWeights = Dict[int, torch.Tensor]
 
-#: Output of an expert computation: ``[tokens, hidden]`` rows in expert-sorted order.
-ExpertOutputs = torch.Tensor
-
 #: Scalar training metrics by name (loss, lr, tokens_per_s, ...).
 TrainingMetrics = Dict[str, float]
 
@@ -62,3 +59,9 @@ class RoutingInfo(TypedDict, total=False):
     expert_indices: List[torch.Tensor]  #: L x [T, K] int64, -1 where not routed, detached
     token_mask: torch.Tensor  #: [T] bool, True for real (non-padding) tokens
     moe_layer_indices: List[int]  #: transformer layer index of each MoE layer
+
+
+#: What an MoE layer returns: its ``[batch, seq, hidden]`` output and the routing info of
+#: that layer (``MoELayer.forward``; ``MoEModel.forward(..., return_routing_info=True)`` returns
+#: the logits and the model-level :class:`RoutingInfo` in the same shape).
+ExpertOutputs = Tuple[torch.Tensor, RoutingInfo]

@@ -44,7 +44,7 @@ def test_json_round_trip_is_exact(tmp_path):
         (dict(hidden_size=-8), r"hidden_size = -8"),
         (dict(vocab_size=0), r"vocab_size = 0"),
         (dict(num_attention_heads=12, num_key_value_heads=5), r"num_key_value_heads \(5\)"),
-        (dict(router_type="switch"), r"experts_per_token \(2\), set it to 1"),
+        (dict(router_type="switch", experts_per_token=2), r"experts_per_token \(2\): leave it unset or set it to 1"),
         (dict(hidden_sise=8), r"hidden_sise: unknown field"),
     ],
 )
@@ -67,3 +67,30 @@ def test_from_json_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         MoEConfig.from_json(bad)
+
+
+@pytest.mark.parametrize("build", ["config", "model"])
+def test_switch_router_routes_one_expert_by_default(build):
+    """router_type='switch' with experts_per_token left unset is top-1, for MoEConfig and
+    MoEModel alike; an explicit value other than 1 is a ConfigError naming it."""
+    from moe_lab import MoEModel
+
+    small = dict(vocab_size=50, hidden_size=16, num_layers=1, num_attention_heads=2, num_experts=4)
+    make = (lambda **kw: MoEConfig(**small, **kw)) if build == "config" else (lambda **kw: MoEModel(**small, **kw).config)
+    assert make(router_type="switch").experts_per_token == 1
+    assert make(router_type="switch", experts_per_token=1).experts_per_token == 1
+    assert make().experts_per_token == 2  # the top_k default is untouched
+    for k in (2, 3):
+        with pytest.raises(ConfigError, match=rf"experts_per_token \({k}\)"):
+            make(router_type="switch", experts_per_token=k)
+
+
+def test_switch_model_routes_each_token_to_one_expert():
+    import torch
+
+    from moe_lab import MoEModel
+
+    model = MoEModel(vocab_size=50, hidden_size=16, num_layers=1, num_attention_heads=2, num_experts=4,
+                     router_type="switch", dropout=0.0)
+    _, info = model(torch.randint(0, 50, (2, 8)), return_routing_info=True)
+    assert info["expert_indices"][0].shape == (16, 1)

@@ -57,9 +57,9 @@ def _all_resident(experts: nn.Module) -> bool:
 
 
 def supports_static_decode(model: nn.Module) -> bool:
-    """Top-k routing without capacity and every expert resident on the device."""
+    """Top-k routing that never drops in eval mode, and every expert resident on the device."""
     cfg = model.config
-    if cfg.router_type != RouterType.TOP_K or cfg.capacity_factor is not None:
+    if cfg.router_type != RouterType.TOP_K or cfg.eval_capacity_factor is not None:
         return False
     return all(_all_resident(moe.experts) for moe in model.moe_layers)
 

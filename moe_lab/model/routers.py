@@ -1,7 +1,8 @@
 """Routers: which expert(s) each token goes to, and with what weight.
 
-Every router is called as ``router(hidden_states_TD, training=True, token_mask_T=None)`` and
-returns ``(combine_weights_TK, expert_indices_TK, info)``:
+Every router is called as ``router(hidden_states_TD, training=True, token_mask=None)``
+(``token_mask`` [T] bool, True for real tokens) and returns
+``(combine_weights_TK, expert_indices_TK, info)``:
 
 - ``expert_indices_TK`` (int64): the expert of each of the token's K slots, ``-1`` where the
   slot is empty (a padded token, a token dropped over capacity, an expert-choice slot the
@@ -13,6 +14,14 @@ returns ``(combine_weights_TK, expert_indices_TK, info)``:
   real tokens only) and ``dropped_fraction`` (scalar).
 
 Router math runs in fp32, also under autocast.
+
+Capacity (token dropping) applies to ``training=True`` calls. With ``training=False``
+(evaluation, inference) nothing is dropped unless an ``eval_capacity_factor`` is given, so a
+token's output never depends on the other sequences of its batch (the one exception is
+expert choice with ``eval_routing="expert_choice"``, which ranks tokens against the batch by
+design). Capacity is computed from
+the real tokens of the call itself: under data/expert parallelism each rank's micro-batch is
+its own capacity group (as in Megatron-Core).
 
 Losses (padding is excluded from both):
 - load balancing (Switch Transformer, normalised as in Megatron-Core):
@@ -206,9 +215,10 @@ class TopKRouter(Router):
 
     Capacity: ``capacity_factor=None`` (the default) never drops. With a factor and
     ``drop_tokens=True`` each expert takes at most ``ceil(capacity_factor * tokens * k / E)``
-    assignments; first choices have priority over second choices, then earlier tokens win.
-    Dropped slots are empty (the residual stream carries the token), and ``dropped_fraction``
-    is dropped slots / (real tokens * k).
+    assignments in a training call; first choices have priority over second choices, then
+    earlier tokens win. Dropped slots are empty (the residual stream carries the token), and
+    ``dropped_fraction`` is dropped slots / (real tokens * k). Calls with ``training=False``
+    use ``eval_capacity_factor`` instead (None, the default: no dropping).
     """
 
     router_type = RouterType.TOP_K
@@ -223,19 +233,28 @@ class TopKRouter(Router):
         normalize_weights: bool = True,
         capacity_factor: Optional[float] = None,
         drop_tokens: bool = True,
+        eval_capacity_factor: Optional[float] = None,
     ) -> None:
         super().__init__(hidden_size, num_experts, top_k, router_bias, router_jitter_noise)
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise RouterError(f"capacity_factor ({capacity_factor!r}) must be > 0 or None")
+        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if value is not None and not value > 0:
+                raise RouterError(f"{name} ({value!r}) must be > 0 or None")
         self.normalize_weights = normalize_weights
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.drop_tokens = drop_tokens
+
+    def active_capacity_factor(self, training: bool) -> Optional[float]:
+        """The capacity factor a call uses: None means no dropping."""
+        if not self.drop_tokens:
+            return None
+        return self.capacity_factor if training else self.eval_capacity_factor
 
     def route(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Inference routing without statistics, jitter or capacity: ``(weights_TK, experts_TK)``.
 
-        Equal to ``forward(x, training=False)`` when there is no capacity limit; it has no
-        host synchronisation, so decoding can capture it in a CUDA graph.
+        Equal to ``forward(x, training=False)`` unless ``eval_capacity_factor`` is set; it
+        has no host synchronisation, so decoding can capture it in a CUDA graph.
         """
         top_p_TK, top_i_TK = self.compute_logits(x_TD, training=False).softmax(dim=-1).topk(self.top_k, dim=-1)
         if self.normalize_weights:
@@ -256,15 +275,16 @@ class TopKRouter(Router):
         selection_counts_E = count_assignments(top_i_TK, self.num_experts)
         expert_indices_TK = top_i_TK
         dropped = torch.zeros((), device=x_TD.device)
-        if self.capacity_factor is not None and self.drop_tokens:
-            capacity = torch.ceil(self.capacity_factor * num_real * self.top_k / self.num_experts)
+        capacity_factor = self.active_capacity_factor(training)
+        if capacity_factor is not None:
+            capacity = torch.ceil(capacity_factor * num_real * self.top_k / self.num_experts)
             pos_KT = capacity_positions(top_i_TK.t(), self.num_experts)
             over_TK = (pos_KT.t() >= capacity) & (top_i_TK >= 0)
             expert_indices_TK = top_i_TK.masked_fill(over_TK, -1)
             dropped = over_TK.sum().float() / (num_real * self.top_k).clamp(min=1)
         weights_TK = weights_TK * (expert_indices_TK >= 0).to(weights_TK.dtype)
         info = self._info(logits_TE, probs_TE, selection_counts_E, expert_indices_TK, mask_T, num_real, dropped)
-        info["all_valid"] = mask_T is None and not (self.capacity_factor is not None and self.drop_tokens)
+        info["all_valid"] = mask_T is None and capacity_factor is None
         return weights_TK, expert_indices_TK, info
 
 
@@ -275,7 +295,8 @@ class SwitchRouter(TopKRouter):
     gets a gradient). Multiplicative jitter ``U(1 - jitter_noise, 1 + jitter_noise)`` on the
     router input during training only. Capacity per expert: ``ceil(capacity_factor * tokens /
     E)``, real tokens only; with ``drop_tokens`` the later tokens over capacity skip the
-    experts (the residual carries them) and count in ``dropped_fraction``.
+    experts (the residual carries them) and count in ``dropped_fraction``. In eval mode
+    nothing is dropped unless ``eval_capacity_factor`` is set.
     """
 
     router_type = RouterType.SWITCH
@@ -288,6 +309,7 @@ class SwitchRouter(TopKRouter):
         drop_tokens: bool = True,
         jitter_noise: float = 0.1,
         router_bias: bool = False,
+        eval_capacity_factor: Optional[float] = None,
     ) -> None:
         if capacity_factor is None or not capacity_factor > 0:
             raise RouterError(f"capacity_factor ({capacity_factor!r}) must be > 0")
@@ -300,6 +322,7 @@ class SwitchRouter(TopKRouter):
             normalize_weights=False,
             capacity_factor=capacity_factor,
             drop_tokens=drop_tokens,
+            eval_capacity_factor=eval_capacity_factor,
         )
 
 
@@ -415,6 +438,7 @@ def build_router(config: Any) -> Router:
             normalize_weights=config.normalize_router_weights,
             capacity_factor=config.capacity_factor,
             drop_tokens=config.drop_tokens,
+            eval_capacity_factor=config.eval_capacity_factor,
         )
     if rt == RouterType.SWITCH:
         return SwitchRouter(
@@ -424,6 +448,7 @@ def build_router(config: Any) -> Router:
             drop_tokens=config.drop_tokens,
             jitter_noise=0.1 if jitter is None else jitter,
             router_bias=config.router_bias,
+            eval_capacity_factor=config.eval_capacity_factor,
         )
     return ExpertChoiceRouter(
         config.hidden_size,

@@ -169,6 +169,15 @@ def build_attention_mask(
     return mask.unsqueeze(1)
 
 
+class _DefaultInt(int):
+    """An int default that a signature shows as its value but that ``is`` can tell apart
+    from the same value passed explicitly."""
+
+
+#: ``experts_per_token``'s default: 2, or 1 for ``router_type="switch"`` (see MoEConfig)
+_DEFAULT_EXPERTS_PER_TOKEN = _DefaultInt(2)
+
+
 class MoEModel(nn.Module):
     """Decoder-only MoE language model.
 
@@ -184,7 +193,7 @@ class MoEModel(nn.Module):
         hidden_size: int = 768,
         num_layers: int = 12,
         num_experts: int = 8,
-        experts_per_token: int = 2,
+        experts_per_token: int = _DEFAULT_EXPERTS_PER_TOKEN,
         expert_hidden_size: Optional[int] = None,
         router_type: str = "top_k",
         load_balancing_loss_coef: float = 0.01,
@@ -196,12 +205,13 @@ class MoEModel(nn.Module):
     ) -> None:
         super().__init__()
         if config is None:
+            if experts_per_token is not _DEFAULT_EXPERTS_PER_TOKEN:  # left unset: MoEConfig decides
+                kwargs["experts_per_token"] = experts_per_token
             config = MoEConfig(
                 vocab_size=vocab_size,
                 hidden_size=hidden_size,
                 num_layers=num_layers,
                 num_experts=num_experts,
-                experts_per_token=experts_per_token,
                 expert_hidden_size=expert_hidden_size,
                 router_type=router_type,
                 load_balancing_loss_coef=load_balancing_loss_coef,
@@ -222,6 +232,8 @@ class MoEModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.expert_parallel_group: Optional[Any] = None
+        #: the ParallelGroups set by ExpertParallelism.parallelize_experts (None: one process)
+        self.parallel_groups: Optional[Any] = None
 
     @classmethod
     def from_config(cls, config: Union[MoEConfig, Dict[str, Any]]) -> "MoEModel":

@@ -17,22 +17,35 @@ picks the workers, and ``data.streaming`` streams batches through Ray Data.
 
 from __future__ import annotations
 
+import collections
+import functools
+import io
 import json
 import logging
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from ray import cloudpickle
 from torch import nn
 
 from ..errors import ConfigError, DistributedError
 from ..jobs import JobSpec
 from ..parallel.expert_parallel import ExpertParallelism, validate_parallel_sizes
 from ..parallel.runtime import DistributedRuntime
-from ..training.checkpoint import latest_checkpoint, load_model_state
+from ..training.checkpoint import (
+    TRAINER_STATE,
+    latest_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    load_training_state,
+    optimizer_state_by_name,
+    read_json,
+)
 from ..training.runtime import Runtime
 from ..training.trainer import RESULT_FILE, MoETrainer, TrainingResult
 from .cluster import init_ray, local_cpu_count
@@ -41,6 +54,83 @@ logger = logging.getLogger(__name__)
 
 #: train() options the driver forwards to the workers
 _FORWARDED_TRAIN_KWARGS = ("max_steps", "logging_steps", "save_total_limit", "eval_samples", "max_length", "seed")
+
+
+class _ParamPickler(cloudpickle.CloudPickler):
+    """Pickles parameters by name (persistent ids), so that the optimizer and scheduler a
+    user built on the driver's model are rebound to a worker's own (sharded) parameters."""
+
+    def __init__(self, file: Any, names: Dict[int, str]) -> None:
+        super().__init__(file)
+        self.names = names
+
+    def persistent_id(self, obj: Any) -> Optional[str]:
+        if isinstance(obj, nn.Parameter):
+            if id(obj) not in self.names:
+                raise ConfigError("the optimizer holds a parameter that is not one of the model's parameters")
+            return self.names[id(obj)]
+        return None
+
+
+class _ParamUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, params: Dict[str, nn.Parameter]) -> None:
+        super().__init__(file)
+        self.params = params
+
+    def persistent_load(self, pid: str) -> nn.Parameter:
+        if pid not in self.params:
+            raise DistributedError(f"the optimizer refers to parameter {pid!r}, which the worker's model lacks")
+        return self.params[pid]
+
+
+def pack_optimizer(model: nn.Module, optimizer: Any, scheduler: Any) -> Dict[str, Any]:
+    """The user's optimizer and scheduler specs (instances, classes or factories), ready to be
+    rebuilt on a worker by :func:`unpack_optimizer`: same class, same hyperparameters per
+    parameter group, parameters matched by name. Optimizer state travels by parameter name,
+    as in a checkpoint, so that it can be sliced for sharded experts."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    packed: Dict[str, Any] = {"state": None}
+    saved_state = saved_step = None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if any(optimizer.state.values()):
+            packed["state"] = optimizer_state_by_name(model, optimizer)
+        saved_state, optimizer.state = optimizer.state, collections.defaultdict(dict)
+        saved_step = optimizer.__dict__.pop("step", None)  # a scheduler's step-counting wrapper (holds a weakref)
+    try:
+        buf = io.BytesIO()
+        _ParamPickler(buf, names).dump((optimizer, scheduler))
+    finally:
+        if saved_state is not None:
+            optimizer.state = saved_state
+        if saved_step is not None:
+            optimizer.step = saved_step
+    packed["blob"] = buf.getvalue()
+    return packed
+
+
+def unpack_optimizer(packed: Dict[str, Any], model: nn.Module, expert_slices: Optional[Dict[str, slice]] = None):
+    """Inverse of :func:`pack_optimizer` on a worker: ``(optimizer_spec, scheduler_spec)``."""
+    optimizer, scheduler = _ParamUnpickler(io.BytesIO(packed["blob"]), dict(model.named_parameters())).load()
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        _count_steps_for_scheduler(scheduler.optimizer)
+    if packed.get("state") is not None and isinstance(optimizer, torch.optim.Optimizer):
+        tensors, meta = packed["state"]
+        load_optimizer_state(model, optimizer, tensors, meta, expert_slices)
+    return optimizer, scheduler
+
+
+def _count_steps_for_scheduler(optimizer: torch.optim.Optimizer) -> None:
+    """What ``LRScheduler.__init__`` does to its optimizer: mark ``step`` so the scheduler can
+    tell that the optimizer stepped first (the wrapper is not picklable, so it is redone)."""
+    step = type(optimizer).step
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+        return step(optimizer, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
 
 
 def _report(metrics: Dict[str, Any], checkpoint_dir: Optional[str], is_main: bool) -> None:
@@ -91,17 +181,22 @@ def train_worker(config: Dict[str, Any]) -> None:
     if resume_dir is not None:
         load_model_state(model, resume_dir)  # full weights, before sharding
     if world > 1:
-        groups = ExpertParallelism.parallelize_experts(model, config["expert_parallel_size"])
-        runtime: Runtime = RayDistributedRuntime(model, groups)
+        ExpertParallelism.parallelize_experts(model, config["expert_parallel_size"])
+        runtime: Runtime = RayDistributedRuntime(model, ExpertParallelism.get_groups(model))
     else:
         runtime = RayRuntime()
     tokenizer = ray.get(config["tokenizer"]) if config.get("tokenizer") is not None else None
-    trainer = MoETrainer(model, runtime=runtime, tokenizer=tokenizer, device=str(device), **config["trainer_kwargs"])
+    optimizer = scheduler = None
+    if config.get("optimizer") is not None:  # the user's optimizer/scheduler, rebound to this worker's parameters
+        optimizer, scheduler = unpack_optimizer(ray.get(config["optimizer"]), model, runtime.expert_slices(model))
+    trainer = MoETrainer(model, optimizer=optimizer, scheduler=scheduler, runtime=runtime, tokenizer=tokenizer,
+                         device=str(device), **config["trainer_kwargs"])
     if config.get("streaming"):
         from .data import RayDataStream
 
         per_rank = config["train_kwargs"]["batch_size"] // world
-        train_data: Any = RayDataStream(ray.train.get_dataset_shard("train"), per_rank, seed=config["trainer_kwargs"]["seed"])
+        train_data: Any = RayDataStream(ray.train.get_dataset_shard("train"), per_rank, seed=config["trainer_kwargs"]["seed"],
+                                        pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
     else:
         train_data = ray.get(config["train_data"])
     eval_data = ray.get(config["eval_data"]) if config.get("eval_data") is not None else None
@@ -126,7 +221,9 @@ class DistributedMoETrainer(MoETrainer):
         expert_parallel_size: ranks the experts are sharded over (divides world_size and
             num_experts).
         model_parallel_size, pipeline_parallel_size: must be 1 (not supported yet).
-        **kwargs: MoETrainer options plus ``use_gpu`` (False), ``resources_per_worker``
+        **kwargs: MoETrainer options (``optimizer`` and ``scheduler`` as instances, classes or
+            factories: each worker rebuilds them on its own parameters, same class and
+            hyperparameters per parameter group) plus ``use_gpu`` (False), ``resources_per_worker``
             (``{"CPU": n, ...}``), ``address`` (a Ray cluster; default: local),
             ``storage_path`` (Ray Train storage; default ``output_dir/ray``), ``max_failures``
             (0), ``name`` (run name), ``run_config_callbacks`` (Ray Train callbacks for the
@@ -145,13 +242,6 @@ class DistributedMoETrainer(MoETrainer):
         validate_parallel_sizes(
             world_size, model.config.num_experts, expert_parallel_size, model_parallel_size, pipeline_parallel_size
         )
-        if kwargs.get("optimizer") is not None or kwargs.get("scheduler") is not None:
-            raise ConfigError(
-                "DistributedMoETrainer builds the optimizer and schedule inside each worker; "
-                "pass weight_decay / adam_* / min_lr_ratio options instead of objects"
-            )
-        kwargs.pop("optimizer", None)
-        kwargs.pop("scheduler", None)
         self.world_size = world_size
         self.expert_parallel_size = expert_parallel_size
         self.use_gpu = bool(kwargs.pop("use_gpu", False))
@@ -241,6 +331,8 @@ class DistributedMoETrainer(MoETrainer):
             "use_gpu": self.use_gpu,
             "torch_threads": threads,
             "tokenizer": ray.put(self.tokenizer) if self.tokenizer is not None else None,
+            "optimizer": (ray.put(pack_optimizer(self.model, self.optimizer_spec, self.scheduler_spec))
+                          if self.optimizer_spec is not None or self.scheduler_spec is not None else None),
             "trainer_kwargs": self._worker_trainer_kwargs(),
             "train_kwargs": train_kwargs,
             "train_data": train_ref,
@@ -272,10 +364,21 @@ class DistributedMoETrainer(MoETrainer):
         with result.checkpoint.as_directory() as d:  # the final model, as Ray stored it
             res = TrainingResult(**json.loads((Path(d) / RESULT_FILE).read_text()))
             load_model_state(self.model, d)
+            self._load_final_training_state(Path(d), learning_rate, warmup_steps)
         if not (res.checkpoint_path and Path(res.checkpoint_path).is_dir()):  # rank 0 wrote it on another node
             res.checkpoint_path = str(result.checkpoint.path)
         self.global_step = res.global_step
         return res
+
+
+    def _load_final_training_state(self, directory: Path, learning_rate: float, warmup_steps: int) -> None:
+        """Give the driver the workers' final optimizer, schedule and data position, so that
+        ``save_model(path, save_optimizer=True)`` writes them (a user's optimizer instance is
+        updated in place)."""
+        state = read_json(directory / TRAINER_STATE) if (directory / TRAINER_STATE).exists() else {}
+        self._build_optim(learning_rate, warmup_steps, int(state.get("total_steps") or state.get("global_step") or 1))
+        load_training_state(directory, self.model, self.optimizer, self.scheduler)
+        self.position = (int(state.get("epoch", 0)), int(state.get("micro_batch_in_epoch", 0)))
 
 
 def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = False,
@@ -296,19 +399,24 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
     spec.to_yaml(out / "job.yaml")
     t0 = time.perf_counter()
     sc = spec.scaling
-    init_ray(address or sc.address, num_gpus=None)
+    # prepare the data before Ray starts here: tokenizing forks data.num_proc processes,
+    # which is unsafe in a process that runs Ray (prepare_moe_dataset would fall back to one)
     if spec.data.streaming:
         from ..data import save_tokenizer
-        from .data import streaming_dataset
+        from .data import held_out_documents, streaming_dataset
 
-        tokenizer = build_tokenizer(spec, _bpe_sample(spec) if spec.data.tokenizer == "bpe" else None)
+        held_out = held_out_documents(spec)  # eval documents: kept out of the stream and of the BPE sample
+        tokenizer = build_tokenizer(spec, _bpe_sample(spec, held_out) if spec.data.tokenizer == "bpe" else None)
         tok_dir = out / "tokenizer"
         save_tokenizer(tokenizer, tok_dir)
-        train_data: Any = streaming_dataset(spec, str(tok_dir), num_actors=1)
-        data = PreparedData(None, _streaming_eval(spec, tokenizer), tokenizer, {"train": "streamed with Ray Data"})
+        data = PreparedData(None, _streaming_eval(spec, tokenizer, held_out), tokenizer,
+                            {"train": "streamed with Ray Data"})
+        init_ray(address or sc.address, num_gpus=None)
+        train_data: Any = streaming_dataset(spec, str(tok_dir), num_actors=1, held_out=held_out)
     else:
         data = prepare_data(spec)
         train_data = data.train
+        init_ray(address or sc.address, num_gpus=None)
     model = build_model(spec, len(data.tokenizer))
     kw = trainer_kwargs(spec)
     trainer = DistributedMoETrainer(
@@ -329,28 +437,30 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
                     extra={"scaling": sc.to_dict()})
 
 
-def _streaming_eval(spec: JobSpec, tokenizer: Any) -> Any:
-    """A small held-out set, prepared in the driver (train shards use other seeds)."""
-    from ..data import (
-        build_corpus,
-        load_text_dataset,
-        prepare_moe_dataset,
-        train_eval_split,
-    )
+def _streaming_eval(spec: JobSpec, tokenizer: Any, held_out: Any = None) -> Any:
+    """The streaming job's eval set, packed in the driver.
+
+    ``held_out``: its raw documents (default :func:`~moe_lab.orchestration.data.held_out_documents`),
+    which :func:`~moe_lab.orchestration.data.streaming_dataset` keeps out of the training stream.
+    """
+    from ..data import prepare_moe_dataset
+    from .data import held_out_documents
 
     d = spec.data
-    if d.dataset == "builtin":
-        raw = build_corpus(size_bytes=max(20_000, int(d.corpus_size_bytes * d.eval_fraction)), seed=d.corpus_seed)
-    elif d.eval_dataset:
-        raw = load_text_dataset(d.eval_dataset, text_column=d.text_column)
-    else:
-        _, raw = train_eval_split(load_text_dataset(d.dataset, text_column=d.text_column), d.eval_fraction, d.corpus_seed)
-    return prepare_moe_dataset(raw, tokenizer, max_length=d.max_length, text_column=d.text_column,
-                               label_column=d.label_column or "domain")
+    raw = held_out_documents(spec) if held_out is None else held_out
+    return prepare_moe_dataset(raw, tokenizer, max_length=d.max_length, num_proc=d.num_proc,
+                               text_column=d.text_column, label_column=d.label_column)
 
 
-def _bpe_sample(spec: JobSpec) -> Any:
-    from ..pipeline import load_raw_text
+def _bpe_sample(spec: JobSpec, held_out: Any) -> Any:
+    """Texts to train a streaming job's BPE tokenizer on: training documents, never eval ones."""
+    from ..data import load_text_dataset
+    from ..data.pack import as_text, document_digest, document_digests
+    from .data import CORPUS_SHARDS, builtin_shard
 
-    train, _ = load_raw_text(spec)
-    return train[spec.data.text_column]
+    d = spec.data
+    if d.dataset == "builtin":  # the shards the stream trains on (the eval corpus has another seed)
+        return [text for shard in range(CORPUS_SHARDS) for text in builtin_shard(spec, shard)["text"]]
+    exclude = document_digests(held_out[d.text_column])
+    texts = (as_text(v) for v in load_text_dataset(d.dataset, text_column=d.text_column)[d.text_column])
+    return [t for t in texts if t is not None and document_digest(t) not in exclude]

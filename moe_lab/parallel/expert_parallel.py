@@ -9,7 +9,8 @@ Layout for world size W and expert-parallel size P (W % P == 0):
 - expert-data-parallel (EDP) groups: the ranks holding the same experts, ``{r, r+P, r+2P, ...}``.
 - every rank is also data parallel for the dense parameters (the whole world).
 
-    groups = ExpertParallelism.parallelize_experts(model, expert_parallel_size=2)
+    model = ExpertParallelism.parallelize_experts(model, expert_parallel_size=2)
+    groups = ExpertParallelism.get_groups(model)      # the ParallelGroups of this rank
     loss.backward()
     ExpertParallelism.sync_gradients(model, groups)   # dense: sum over world; experts: over EDP
 
@@ -217,16 +218,28 @@ class ExpertParallelism:
         return ParallelGroups(world, rank, p, rank % p, ep_group, edp_group)
 
     @staticmethod
-    def parallelize_experts(model: nn.Module, expert_parallel_size: int) -> ParallelGroups:
+    def parallelize_experts(model: nn.Module, expert_parallel_size: int) -> nn.Module:
         """Create the groups, shard ``model``'s experts over the EP group and point the routers'
-        aux-loss statistics at the world group. Returns the groups for gradient sync."""
+        aux-loss statistics at the world group. Every rank must call it, in the same order.
+
+        Returns ``model`` itself (sharded in place); :meth:`get_groups` gives its
+        :class:`ParallelGroups` for gradient sync.
+        """
         groups = ExpertParallelism.create_groups(expert_parallel_size, model.config.num_experts)
         if groups.ep_group is not None:
             model.set_expert_parallel_group(groups.ep_group)
         if groups.world_size > 1:
             for moe in model.moe_layers:
                 moe.router.aux_group = dist.group.WORLD
-        model._parallel_groups = groups  # type: ignore[attr-defined]
+        model.parallel_groups = groups
+        return model
+
+    @staticmethod
+    def get_groups(model: nn.Module) -> ParallelGroups:
+        """The :class:`ParallelGroups` that :meth:`parallelize_experts` set up for ``model``."""
+        groups = getattr(model, "parallel_groups", None)
+        if groups is None:
+            raise DistributedError("the model is not parallelized; call ExpertParallelism.parallelize_experts first")
         return groups
 
     @staticmethod

@@ -1,7 +1,7 @@
 """A trainer runtime over torch.distributed: data + expert parallelism.
 
-    groups = ExpertParallelism.parallelize_experts(model, expert_parallel_size)
-    trainer = MoETrainer(model, runtime=DistributedRuntime(model, groups), ...)
+    ExpertParallelism.parallelize_experts(model, expert_parallel_size)
+    trainer = MoETrainer(model, runtime=DistributedRuntime(model, ExpertParallelism.get_groups(model)), ...)
 
 Every rank is a data-parallel rank (the global batch is split over all of them); expert
 parameters are sharded over the expert-parallel group. Losses are normalised by global

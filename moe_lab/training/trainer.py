@@ -67,6 +67,14 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .fast_paths import apply_fast_paths, lm_loss_sum
+from .optim import (
+    build_optimizer,
+    build_scheduler,
+    check_optimizer_spec,
+    check_scheduler_spec,
+    default_optimizer,  # noqa: F401  (re-exported: moe_lab.training.trainer.default_optimizer)
+    warmup_cosine,  # noqa: F401
+)
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -122,43 +130,6 @@ def load_stats(counts_LE: torch.Tensor) -> Tuple[List[float], List[float]]:
     imbalance = (c.max(dim=-1).values / mean).tolist()
     cv = (c.std(dim=-1, unbiased=False) / mean).tolist()
     return imbalance, cv
-
-
-# ---------------------------------------------------------------------------------------
-# optimiser and schedule
-# ---------------------------------------------------------------------------------------
-
-
-def default_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: Tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
-) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms, biases and embeddings."""
-    decay, no_decay = [], []
-    seen = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.dim() < 2 or "embed_tokens" in name or "norm" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup from 0, then cosine decay to ``min_lr_ratio``."""
-
-    def fn(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,8 +267,11 @@ class MoETrainer:
 
     Args:
         model: the model; moved to ``device``.
-        optimizer: default AdamW (no decay on norms and embeddings).
-        scheduler: default linear warmup then cosine decay to ``min_lr_ratio``.
+        optimizer: an instance, a class or a factory ``factory(params)``; default AdamW (no
+            decay on norms and embeddings). See :mod:`moe_lab.training.optim`.
+        scheduler: an instance (on ``optimizer``) or a factory ``factory(optimizer)``; default
+            linear warmup then cosine decay to ``min_lr_ratio``. With ``optimizer=None`` a
+            scheduler instance brings its own optimizer.
         mixed_precision: bf16 autocast on CPU and CUDA; fp16 + grad scaler where bf16 is not
             supported.
         gradient_accumulation_steps: micro-batches per optimiser step.
@@ -335,12 +309,20 @@ class MoETrainer:
             max_grad_norm=max_grad_norm,
             **kwargs,
         )
+        if optimizer is None and isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+            optimizer = scheduler.optimizer
+        check_optimizer_spec(optimizer)
+        check_scheduler_spec(scheduler, optimizer)
         self.device = self._resolve_device(self.args.device)
         self.model = model.to(self.device)
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self._user_optimizer = optimizer is not None
-        self._user_scheduler = scheduler is not None
+        #: what the user asked for (None, an instance, a class or a factory); built in train()
+        self.optimizer_spec: Any = optimizer
+        self.scheduler_spec: Any = scheduler
+        self.optimizer: Optional[torch.optim.Optimizer] = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        self.scheduler: Any = scheduler if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) else None
+        self.total_steps: Optional[int] = None
+        #: (epoch, micro-batch in epoch) after the last step: where a resume continues
+        self.position: Tuple[int, int] = (0, 0)
         self.amp_dtype, self.scaler = self._mixed_precision_setup(self.args.mixed_precision)
         self.loss_sum_fn = apply_fast_paths(self.model, self.device) if self.args.fast_paths else lm_loss_sum
         self.global_step = 0
@@ -501,14 +483,13 @@ class MoETrainer:
 
     # ---- training ---------------------------------------------------------------------
     def _build_optim(self, lr: float, warmup_steps: int, total_steps: int) -> None:
-        if not self._user_optimizer:
-            self.optimizer = default_optimizer(
-                self.model, lr, self.args.weight_decay, (self.args.adam_beta1, self.args.adam_beta2), self.args.adam_eps
-            )
-        if not self._user_scheduler:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, warmup_cosine(warmup_steps, total_steps, self.args.min_lr_ratio)
-            )
+        """Build the optimizer and schedule from their specs (instances are used as given)."""
+        a = self.args
+        self.optimizer = build_optimizer(
+            self.optimizer_spec, self.model, lr, a.weight_decay, (a.adam_beta1, a.adam_beta2), a.adam_eps
+        )
+        self.scheduler = build_scheduler(self.scheduler_spec, self.optimizer, warmup_steps, total_steps, a.min_lr_ratio)
+        self.total_steps = total_steps
 
     def train(
         self,
@@ -587,6 +568,7 @@ class MoETrainer:
             resume = latest_checkpoint(out)
         if resume is not None:
             epoch, micro = self._resume(Path(resume))
+            self.position = (epoch, micro)
 
         writer = self._tensorboard(out) if rt.is_main else None
         metrics_path = out / "metrics.jsonl"
@@ -609,6 +591,7 @@ class MoETrainer:
                 t0 = time.perf_counter()
                 stats = self._train_step(micro_batches)
                 self.global_step += 1
+                self.position = (epoch, micro)
                 tokens_seen += int(stats["real_total"])
                 window.add(stats, time.perf_counter() - t0, data_seconds=t0 - t_fetch)
                 self._accumulate_routing(stats["layer_stats"][1] if stats["layer_stats"] else None)
@@ -844,6 +827,7 @@ class MoETrainer:
             "seed": self.args.seed,
             "batch_size": self.args.batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "total_steps": self.total_steps,
             "training_args": self.args.to_dict(),
             "rng": {
                 "torch": torch.get_rng_state().tolist(),
@@ -907,8 +891,11 @@ class MoETrainer:
         return path
 
     def save_model(self, path: str | os.PathLike, save_optimizer: bool = True) -> Path:
-        """Save the model (and, by default, optimiser/scheduler/trainer state) to ``path``."""
-        return self._write(Path(path), save_optimizer)
+        """Save the model (and, by default, optimiser/scheduler/trainer state) to ``path``.
+
+        With the training state, ``train(..., resume_from=path)`` continues where the last
+        ``train`` stopped."""
+        return self._write(Path(path), save_optimizer, *self.position)
 
     def _resume(self, path: Path) -> Tuple[int, int]:
         if not path.is_dir():

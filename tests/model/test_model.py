@@ -173,3 +173,43 @@ def test_router_types_build():
         m = _model(router_type=rt, experts_per_token=k)
         assert m.moe_layers[0].router.router_type == RouterType(rt)
         m(torch.randint(0, 97, (2, 5)))
+
+
+# every router, with capacity limits that drop tokens while training
+_CAPACITY_ROUTERS = [
+    dict(router_type="top_k", experts_per_token=2, capacity_factor=1.0),
+    dict(router_type="switch", experts_per_token=1, capacity_factor=1.0),
+    dict(router_type="expert_choice", experts_per_token=1, capacity_factor=1.0),
+    dict(router_type="expert_choice", experts_per_token=2, capacity_factor=1.0, drop_tokens=False),
+]
+
+
+@pytest.mark.parametrize("router", _CAPACITY_ROUTERS, ids=lambda r: "-".join(f"{v}" for v in r.values()))
+def test_eval_logits_do_not_depend_on_batch_mates(router):
+    """In eval mode no router drops tokens by default, so a row's logits are the same alone
+    or next to other rows (before the fix switch/top-k capacity dropped at eval: ~6e-4)."""
+    torch.manual_seed(0)
+    model = MoEModel.from_config(tiny_config(**router)).eval()
+    row = torch.randint(0, 97, (1, 16))
+    others = torch.randint(0, 97, (5, 16))
+    with torch.no_grad():
+        alone = model(row)
+        together, info = model(torch.cat([row, others]), return_routing_info=True)
+    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-5)
+    assert float(info["dropped_fraction"].max()) == 0.0
+
+
+@pytest.mark.parametrize("router_type", ["top_k", "switch"])
+def test_capacity_drops_in_training_and_with_eval_capacity_factor(router_type):
+    """Dropping still happens in training mode, and in eval mode when eval_capacity_factor is set."""
+    torch.manual_seed(0)
+    k = dict(experts_per_token=2 if router_type == "top_k" else 1)
+    ids = torch.randint(0, 97, (4, 32))
+    train_model = MoEModel.from_config(tiny_config(router_type=router_type, capacity_factor=0.5, **k))
+    _, info = train_model.train()(ids, return_routing_info=True)
+    assert float(info["dropped_fraction"].min()) > 0.0
+    eval_model = MoEModel.from_config(tiny_config(router_type=router_type, capacity_factor=0.5,
+                                                  eval_capacity_factor=0.5, **k))
+    with torch.no_grad():
+        _, info = eval_model.eval()(ids, return_routing_info=True)
+    assert float(info["dropped_fraction"].min()) > 0.0

@@ -145,19 +145,41 @@ def test_ep2_dp2_four_workers_equals_single_process(data, reference, tmp_path):
 
 
 def test_streaming_with_ray_data(tmp_path):
-    from moe_lab.data import ByteTokenizer, save_tokenizer
-    from moe_lab.jobs import load_job
-    from moe_lab.orchestration.data import streaming_dataset
+    import math
+    from collections import Counter
 
-    spec = load_job(None, ["data.corpus_size_bytes=80000", "data.max_length=32"])
+    import datasets
+
+    from moe_lab.data import ByteTokenizer, prepare_moe_dataset, save_tokenizer
+    from moe_lab.jobs import load_job
+    from moe_lab.orchestration.data import CORPUS_SHARDS, builtin_shard, streaming_dataset
+
+    spec = load_job(None, ["data.corpus_size_bytes=80000", "data.max_length=64"])
     save_tokenizer(ByteTokenizer(), tmp_path / "tok")
-    ds = streaming_dataset(spec, str(tmp_path / "tok"))
+    # the stream's documents are the built-in shards; packed in the driver they give the expected blocks
+    shards = datasets.concatenate_datasets([builtin_shard(spec, s) for s in range(CORPUS_SHARDS)])
+    expected = Counter(tuple(ids) for ids in prepare_moe_dataset(shards, max_length=64, num_proc=1)["input_ids"])
+    assert any(len(b) < 64 for b in expected)  # ragged tails: the collate must pad
+
+    ds = streaming_dataset(spec, str(tmp_path / "tok"))  # 8 shard tasks; the dataset keeps their order
+    per_rank = [Counter(b for batch in batches for b in _unpadded_blocks(batch, 64))
+                for batches in _batches_per_rank(ds, 2, batch_size=16)]
+    assert all(per_rank), "a rank got no batch"
+    both = per_rank[0] + per_rank[1]
+    # every block is a packed block of the corpus, and no block reaches the ranks more often than it
+    # exists (some code/json blocks repeat): the two shards are disjoint
+    assert both <= expected
+    unique = {b for b, n in expected.items() if n == 1}
+    assert len(unique) > 0.9 * len(expected) and not set(per_rank[0]) & set(per_rank[1]) & unique
+    assert sum(both.values()) >= sum(expected.values()) - 2 * 16  # only drop_last / the equal split lose blocks
+
+    # training on the stream with the experts sharded over the 2 workers (EP 2)
     model = _model(vocab_size=259)
-    trainer = DistributedMoETrainer(model, world_size=2, tokenizer=ByteTokenizer(), **OPTS)
-    res = trainer.train(ds, output_dir=str(tmp_path / "out"), batch_size=8, learning_rate=1e-2, warmup_steps=1,
-                        max_steps=3, save_steps=100)
-    assert res.global_step == 3 and all(x == x for x in res.history["loss"])
-    assert res.tokens_per_second > 0
+    trainer = DistributedMoETrainer(model, world_size=2, expert_parallel_size=2, tokenizer=ByteTokenizer(), **OPTS)
+    res = trainer.train(streaming_dataset(spec, str(tmp_path / "tok")), output_dir=str(tmp_path / "out"),
+                        batch_size=8, learning_rate=1e-2, warmup_steps=1, max_steps=3, save_steps=100)
+    assert res.global_step == 3 and all(math.isfinite(x) for x in res.history["loss"])
+    assert 0 < res.total_tokens <= 3 * 8 * 64 and res.tokens_per_second > 0
 
 
 def test_unsupported_parallel_sizes_fail_clearly(data, tmp_path):
@@ -171,3 +193,157 @@ def test_unsupported_parallel_sizes_fail_clearly(data, tmp_path):
         DistributedMoETrainer(_model(), world_size=8, expert_parallel_size=8)
     with pytest.raises(DistributedError, match=r"batch_size \(5\) must be divisible"):
         DistributedMoETrainer(_model(), world_size=2, **OPTS).train(data, output_dir=str(tmp_path), batch_size=5)
+
+
+# ---------------------------------------------------------------------------------------
+# Ray Data streaming: the same blocks as prepare_moe_dataset, and no eval document in training
+# ---------------------------------------------------------------------------------------
+
+
+def _batches_per_rank(ds, num_ranks, batch_size):
+    """Collated batches of each rank, split as Ray Train splits a dataset (streaming_split, equal)."""
+    import threading
+
+    from moe_lab.orchestration.data import RayDataStream
+
+    splits = ds.streaming_split(num_ranks, equal=True)
+    out, errors = [[] for _ in splits], []
+
+    def consume(rank):
+        try:
+            out[rank] = list(RayDataStream(splits[rank], batch_size, shuffle_buffer=None, pad_token_id=0).iter_epoch(0))
+        except Exception as exc:  # re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(num_ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return out
+
+
+def _unpadded_blocks(batch, max_length):
+    """The blocks of one collated batch, with the padding checked and removed."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.dtype == torch.long and ids.shape == mask.shape == labels.shape and ids.shape[1] <= max_length
+    lengths = mask.sum(1)
+    assert torch.equal(mask, (torch.arange(ids.shape[1]) < lengths[:, None]).long())  # right padding
+    assert torch.equal(labels, ids.masked_fill(mask == 0, -100))
+    return [tuple(row[:n].tolist()) for row, n in zip(ids, lengths)]
+
+
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _stream_rows(ds, label_column):
+    rows = ds.take_all()
+    assert all(set(r) == ({"input_ids", label_column} if label_column else {"input_ids"}) for r in rows)
+    return [(tuple(int(i) for i in r["input_ids"]), r.get(label_column)) for r in rows]
+
+
+def _local_rows(packed, label_column):
+    labels = packed[label_column] if label_column else [None] * len(packed)
+    return [(tuple(ids), label) for ids, label in zip(packed["input_ids"], labels)]
+
+
+@pytest.fixture(scope="module")
+def word_level_tokenizer_dir(tmp_path_factory):
+    """A transformers tokenizer with no EOS token (only [PAD] and [UNK]), saved for the actors."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("alpha beta gamma delta".split())}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    path = tmp_path_factory.mktemp("wordlevel")
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("tokenizer_kind, label_column", [("byte", "domain"), ("wordlevel", None)])
+def test_streaming_blocks_equal_prepare_moe_dataset(tmp_path, word_level_tokenizer_dir, tokenizer_kind, label_column):
+    from moe_lab.data import load_text_dataset, load_tokenizer, prepare_moe_dataset
+    from moe_lab.data.pack import PACK_GROUP_ROWS
+    from moe_lab.jobs import load_job
+    from moe_lab.orchestration.data import streaming_dataset
+
+    words = "alpha beta gamma delta".split()
+    rows = [{"text": " ".join(words[(i + k) % 4] for k in range(i % 20 + 1)) + f" w{i}", "domain": "xyz"[i % 3]}
+            for i in range(2 * PACK_GROUP_ROWS + 300)]  # three packing groups
+    for i in (5, 1200, 2100):
+        rows[i]["text"] = "   " if i % 2 else ""  # no usable text: must not shift the groups
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    evalf = _write_jsonl(tmp_path / "eval.jsonl", [{"text": "held out eval text", "domain": "x"}])
+    tok_spec = "byte" if tokenizer_kind == "byte" else str(word_level_tokenizer_dir)
+    spec = load_job(None, [f"data.dataset={train}", f"data.eval_dataset={evalf}", "data.max_length=16",
+                           f"data.label_column={label_column or 'null'}"])
+
+    local = prepare_moe_dataset(load_text_dataset(train, cache_dir=tmp_path / "cache"), load_tokenizer(tok_spec),
+                                max_length=16, num_proc=1, label_column=label_column)
+    streamed = _stream_rows(streaming_dataset(spec, tok_spec), label_column)
+    assert sorted(streamed, key=repr) == sorted(_local_rows(local, label_column), key=repr)
+    assert any(len(ids) < 16 for ids, _ in streamed)  # short blocks (tails / short documents) are kept
+    if tokenizer_kind == "wordlevel":  # no EOS: one truncated block per document, no packing
+        assert len(streamed) == len(rows) - 3
+
+
+def test_streaming_never_trains_on_eval_documents(tmp_path):
+    from moe_lab.data import ByteTokenizer, load_text_dataset, prepare_moe_dataset, save_tokenizer, train_eval_split
+    from moe_lab.jobs import load_job
+    from moe_lab.orchestration.data import held_out_documents, streaming_dataset
+    from moe_lab.orchestration.train import _bpe_sample, _streaming_eval
+
+    tok = ByteTokenizer()
+    save_tokenizer(tok, tmp_path / "tok")
+    docs = [f"<doc{i}> " + "lorem ipsum " * (i % 5) + f"</doc{i}>" for i in range(300)]
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"text": t, "domain": "ab"[i % 2]} for i, t in enumerate(docs)])
+    spec = load_job(None, [f"data.dataset={data}", "data.max_length=64", "data.eval_fraction=0.1", "data.streaming=true"])
+
+    eval_docs = set(held_out_documents(spec)["text"])
+    assert len(eval_docs) == 30  # stratified: 15 per domain
+    # the eval set the job evaluates on is exactly the held-out documents
+    assert _documents(_local_rows(_streaming_eval(spec, tok), "domain"), tok) == eval_docs
+
+    rows = _stream_rows(streaming_dataset(spec, str(tmp_path / "tok")), "domain")
+    trained = _documents(rows, tok)
+    assert not trained & eval_docs, f"eval documents in the training stream: {sorted(trained & eval_docs)[:3]}"
+    assert trained == set(docs) - eval_docs  # and every training document is there
+    # the same blocks as the non-streaming job's training split
+    local_train, _ = train_eval_split(load_text_dataset(data, cache_dir=tmp_path / "cache"), 0.1, spec.data.corpus_seed)
+    local = prepare_moe_dataset(local_train, tok, max_length=64, num_proc=1)
+    assert sorted(rows, key=repr) == sorted(_local_rows(local, "domain"), key=repr)
+    # a BPE tokenizer of the job is trained on training documents only
+    assert set(_bpe_sample(spec, held_out_documents(spec))) == set(docs) - eval_docs
+
+
+def test_streaming_builtin_bpe_sample_holds_no_eval_document():
+    from moe_lab.jobs import load_job
+    from moe_lab.orchestration.data import held_out_documents
+    from moe_lab.orchestration.train import _bpe_sample
+
+    spec = load_job(None, ["data.corpus_size_bytes=80000", "data.streaming=true", "data.tokenizer=bpe"])
+    eval_docs = set(held_out_documents(spec)["text"])
+    sample = _bpe_sample(spec, held_out_documents(spec))
+    assert len(sample) >= 50 and eval_docs and not eval_docs & set(sample)
+
+
+def _documents(rows, tok):
+    """The documents in (block, label) rows of ONE packing group: each label's blocks, in order,
+    are its document stream; split it at eos (a stream's last eos may be a dropped lone tail)."""
+    docs = set()
+    for label in {label for _, label in rows}:
+        current = []
+        for i in [i for ids, lab in rows if lab == label for i in ids] + [tok.eos_token_id]:
+            if i == tok.eos_token_id:
+                if current:
+                    docs.add(tok.decode(current))
+                current = []
+            else:
+                current.append(i)
+    return docs

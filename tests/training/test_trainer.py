@@ -185,3 +185,77 @@ def test_bad_trainer_arguments(tmp_path):
         trainer.train(Dataset.from_dict({"foo": [1, 2]}), output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="unknown train\\(\\) option"):
         trainer.train(ListDataset(_rows(8)), output_dir=str(tmp_path), max_step=3)
+
+
+# ---- the API reference's Quick Start ------------------------------------------------------
+
+_QUICK_TEXTS = [f"document {i}: " + " ".join(str(i * j) for j in range(40)) for i in range(48)]
+
+
+@pytest.mark.parametrize("form", ["hf_text", "list", "tokenized"])
+def test_quick_start_runs_as_written(tmp_path, monkeypatch, form):
+    """``MoETrainer(model).train(dataset)`` with every default of the reference (3 epochs,
+    batch 16, ./outputs), at tiny model sizes, for the three dataset forms it accepts."""
+    from datasets import Dataset
+
+    from moe_lab import MoEModel, MoETrainer, prepare_moe_dataset  # the reference's import line
+
+    monkeypatch.chdir(tmp_path)
+    if form == "hf_text":
+        dataset = Dataset.from_dict({"text": _QUICK_TEXTS})
+    elif form == "list":
+        dataset = list(_QUICK_TEXTS)
+    else:
+        dataset = prepare_moe_dataset(Dataset.from_dict({"text": _QUICK_TEXTS}), None, max_length=64)
+    model = MoEModel(num_experts=8, experts_per_token=2, vocab_size=260, hidden_size=32, num_layers=1,
+                     num_attention_heads=2)
+    trainer = MoETrainer(model)
+    result = trainer.train(dataset)
+    assert isinstance(result, TrainingResult)
+    assert result.global_step >= 3 and math.isfinite(result.train_loss)  # 3 epochs of >= 1 step
+    assert (tmp_path / "outputs" / "model" / "model.safetensors").is_file()
+
+
+def test_optimizer_as_class_or_factory_and_scheduler_factory(tmp_path):
+    """An optimizer class is built with the default decay groups and the train() lr; a
+    factory gets the parameters; a scheduler factory gets the optimizer."""
+    import functools
+
+    model = _model()
+    t = _trainer(model, optimizer=torch.optim.SGD)
+    t._build_optim(0.5, 1, 10)
+    assert type(t.optimizer) is torch.optim.SGD and t.optimizer.param_groups[0]["initial_lr"] == 0.5
+    assert len(t.optimizer.param_groups) == 2  # decay / no-decay
+    t = _trainer(model, optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+                 scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.5))
+    t._build_optim(0.5, 1, 10)
+    assert t.optimizer.defaults["momentum"] == 0.9 and t.optimizer.param_groups[0]["lr"] == 0.1
+    assert isinstance(t.scheduler, torch.optim.lr_scheduler.StepLR) and t.scheduler.step_size == 3
+    with pytest.raises(ConfigError, match="optimizer must be"):
+        _trainer(model, optimizer=3)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="different optimizer"):
+        _trainer(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                 scheduler=torch.optim.lr_scheduler.StepLR(other, 2))
+
+
+def test_resume_with_another_optimizer_class_fails_clearly(tmp_path):
+    from moe_lab import CheckpointError
+
+    trainer = _trainer(_model(), optimizer=torch.optim.SGD)
+    _train(trainer, _rows(16), tmp_path / "a", max_steps=1)
+    with pytest.raises(CheckpointError, match="holds SGD state but the optimizer is AdamW"):
+        _train(_trainer(_model()), _rows(16), tmp_path / "b", max_steps=2, resume_from=str(tmp_path / "a" / "model"))
+
+
+def test_save_model_after_train_resumes_at_the_data_position(tmp_path):
+    """save_model records where training stopped, so resuming from it continues the run."""
+    rows = _rows(32)
+    full = _train(_trainer(_model()), rows, tmp_path / "full", max_steps=4, batch_size=4)
+    first = _trainer(_model())
+    _train(first, rows, tmp_path / "first", max_steps=2, batch_size=4)
+    first.save_model(tmp_path / "saved")
+    rest = _train(_trainer(_model()), rows, tmp_path / "rest", max_steps=4, batch_size=4,
+                  resume_from=str(tmp_path / "saved"))
+    assert rest.history["step"] == [3, 4]
+    assert rest.history["loss"] == pytest.approx(full.history["loss"][2:], rel=1e-5)
