@@ -37,7 +37,7 @@ Runner = Callable[[torch.Tensor, int], Iterator[torch.Tensor]]
 def _make_checkpoint(path: str, tiny: bool) -> str:
     from moe_lab import MoEModel
     from moe_lab.data import ByteTokenizer
-    from moe_lab.training.checkpoint import write_checkpoint
+    from moe_lab.checkpoint import write_checkpoint
 
     torch.manual_seed(0)
     tok = ByteTokenizer()
@@ -54,7 +54,7 @@ def build_runners(ckpt: str, device: str) -> Dict[str, Runner]:
     """name -> runner; every runner decodes greedily on ``device``."""
     from moe_lab import OptimizedMoEModel
     from moe_lab.inference import generate
-    from moe_lab.training.checkpoint import load_pretrained_moe
+    from moe_lab.checkpoint import load_pretrained_moe
 
     plain = load_pretrained_moe(ckpt, dropout=0.0).to(device).eval()
     num_experts = plain.config.num_experts

@@ -91,7 +91,7 @@ def main() -> int:
     from moe_lab import MoEModel
     from moe_lab.data import ByteTokenizer, load_tokenizer
     from moe_lab.inference import DynamicExpertLoader
-    from moe_lab.training.checkpoint import load_pretrained_moe, save_moe_checkpoint
+    from moe_lab.checkpoint import load_pretrained_moe, save_moe_checkpoint
 
     torch.manual_seed(0)
     if args.tiny:

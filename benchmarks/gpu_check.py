@@ -53,7 +53,7 @@ def check_grouped(dev: torch.device) -> None:
 
 
 def check_compiled_step(dev: torch.device) -> None:
-    from moe_lab.training.trainer import MoETrainer
+    from moe_lab.training import MoETrainer, forward_loss
 
     results = []
     for fast in (False, True):
@@ -64,8 +64,8 @@ def check_compiled_step(dev: torch.device) -> None:
                         tensorboard=False, max_grad_norm=None)
         ids = torch.randint(0, 1024, (4, 256), generator=torch.Generator().manual_seed(1))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        tr._build_optim(0.0, 1, 10)  # lr 0: keep the weights, inspect the gradients
-        loss, info, _ = tr._forward_loss({k: v.to(dev) for k, v in batch.items()}, float(ids[:, 1:].numel()), 1.0)
+        loss, info, _ = forward_loss(tr.model, {k: v.to(dev) for k, v in batch.items()}, float(ids[:, 1:].numel()), 1.0,
+                                     tr.settings)
         loss.backward()
         grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
         results.append((loss.detach(), grads))

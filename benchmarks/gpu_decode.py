@@ -27,7 +27,7 @@ from typing import Callable, Dict, List
 import torch
 
 from moe_lab.model import MoEModel
-from moe_lab.training.checkpoint import save_moe_checkpoint
+from moe_lab.checkpoint import save_moe_checkpoint
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:

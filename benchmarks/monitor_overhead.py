@@ -140,30 +140,30 @@ def main() -> None:
         results[name] = (statistics.median(base), statistics.median(mon))
 
     # the hook alone, called directly on a real layer output: the per-forward cost without the noise
-    idx, layer = monitor._layers[0]
+    idx, layer = monitor.monitored_layers[0]
     with torch.no_grad():
         x = torch.randn(args.batch_size, args.seq, 128, device=device)
         out = layer(x)
     monitor.start_monitoring()  # attaches the layer's accumulators; the hook is then called by hand
-    hook = monitor._make_hook()
+    hook = monitor.make_hook()
     reps = 2000
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         hook(layer, (x, None), {}, out)
     _sync(device)
-    hook_s = (time.perf_counter() - t0) / reps * len(monitor._layers)  # per model forward
+    hook_s = (time.perf_counter() - t0) / reps * len(monitor.monitored_layers)  # per model forward
 
     stats = monitor.get_current_stats()
     print(f"ExpertMonitor overhead, {device.type}{', compiled layers' if args.compile else ''}, "
           f"batch {args.batch_size} x {args.seq} tokens, "
-          f"{len(monitor._layers)} MoE layers x 8 experts top-2, torch {torch.__version__}")
+          f"{len(monitor.monitored_layers)} MoE layers x 8 experts top-2, torch {torch.__version__}")
     print(f"({args.steps} steps per mode, alternating; stats read every {args.log_every} steps)")
     print(f"{'':<14}{'without (ms)':>14}{'with (ms)':>12}{'ratio':>9}{'overhead':>10}{'hooks alone':>13}")
     for name, (b, m) in results.items():
         print(f"{name:<14}{1e3 * b:>14.2f}{1e3 * m:>12.2f}{m / b:>9.3f}{100 * (m / b - 1):>9.2f}%"
               f"{100 * hook_s / b:>12.2f}%")
-    print(f"hooks alone: {1e6 * hook_s:.1f} us per model forward ({len(monitor._layers)} hook calls), "
+    print(f"hooks alone: {1e6 * hook_s:.1f} us per model forward ({len(monitor.monitored_layers)} hook calls), "
           f"as a share of the step time without the monitor")
     assert stats.num_forwards == reps
 

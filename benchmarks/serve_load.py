@@ -51,7 +51,7 @@ def _time(fn: Callable[[], None], n: int) -> List[float]:
 def _make_checkpoint(path: str, tiny: bool) -> str:
     from moe_lab import MoEModel
     from moe_lab.data import ByteTokenizer
-    from moe_lab.training.checkpoint import write_checkpoint
+    from moe_lab.checkpoint import write_checkpoint
 
     torch.manual_seed(0)
     tok = ByteTokenizer()
@@ -85,7 +85,8 @@ def main() -> int:
 
     from moe_lab import OptimizedMoEModel
     from moe_lab.inference import CompletionRequest
-    from moe_lab.orchestration.serve import ServeArgs, app_builder
+    from moe_lab.orchestration.serve import app_builder
+    from moe_lab.serving import ServeArgs
 
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
     ckpt = args.checkpoint or _make_checkpoint(os.path.join(tmp.name, "model"), args.tiny)

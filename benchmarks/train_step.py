@@ -6,7 +6,7 @@
 Default size: vocab 50257, hidden 768, 12 layers, 12 heads, 8 experts top-2, ffn 3072,
 batch 8 x 1024 tokens, bf16 autocast, fused AdamW, grad clipping. Candidates:
 - transformers ``MixtralForCausalLM`` with the ``grouped_mm`` and ``eager`` experts backends;
-- moe_lab ``MoETrainer._train_step`` (the exact step ``moe-lab train`` runs) with the fast
+- moe_lab ``moe_lab.training.train_step`` (the exact step ``moe-lab train`` runs) with the fast
   paths (compiled decoder layers) and without them.
 Each reports tokens/s, peak memory, and MFU against the card's dense bf16 peak (989 TFLOP/s
 for H100 SXM) with two FLOP counts:
@@ -26,7 +26,7 @@ import torch
 
 from moe_lab.config import MoEConfig
 from moe_lab.model import MoEModel
-from moe_lab.training.trainer import MoETrainer
+from moe_lab.training import MoETrainer, train_step
 
 H100_BF16_PEAK = 989e12
 
@@ -54,14 +54,19 @@ def bench_moe_lab(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.
     model = MoEModel.from_config(cfg)
     trainer = MoETrainer(model, device=str(device), mixed_precision=True, fast_paths=fast, progress_bar=False,
                          tensorboard=False, seed=0)
-    trainer._build_optim(3e-4, 10, 1000)
+    trainer.setup_optimizer(3e-4, 10, 1000)
+
+    def step() -> float:  # the public step moe-lab train runs, with the trainer's settings
+        return train_step(trainer.model, trainer.optimizer, [batch], trainer.runtime, scheduler=trainer.scheduler,
+                          settings=trainer.settings).loss_share
+
     for _ in range(warmup):
-        trainer._train_step([batch])
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    losses = [trainer._train_step([batch])["loss_share"] for _ in range(steps)]
+    losses = [step() for _ in range(steps)]
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps

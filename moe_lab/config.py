@@ -269,3 +269,6 @@ class TrainingConfig(_StrictModel):
     save_total_limit: Optional[int] = Field(2, ge=1)
     progress_bar: bool = True
     fast_paths: bool = True
+    tensorboard: bool = True  #: TensorBoard events in output_dir/tensorboard
+    mlflow_tracking_uri: Optional[str] = None  #: log to MLflow too (e.g. "file:./mlruns"; needs mlflow)
+    mlflow_experiment: str = "moe-lab"

@@ -17,7 +17,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from pydantic import Field, model_validator
@@ -209,3 +209,102 @@ def load_job(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] 
 
 def list_jobs(directory: str | os.PathLike = "jobs") -> List[Path]:
     return sorted(Path(directory).glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------------------------
+# resuming a job
+# ---------------------------------------------------------------------------------------
+
+#: the resolved job of a run, in its output directory
+JOB_FILE = "job.yaml"
+
+#: fields a resume may change: none of them changes the optimisation of the steps already
+#: planned (logging, evaluation, checkpoint cadence, where it runs, how far it goes)
+RESUME_ALLOWED = (
+    "training.max_steps",
+    "training.logging_steps",
+    "training.eval_steps",
+    "training.eval_samples",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.progress_bar",
+    "training.tensorboard",
+    "training.mlflow_tracking_uri",
+    "training.mlflow_experiment",
+    "scaling.num_workers",
+    "scaling.expert_parallel_size",
+    "scaling.use_gpu",
+    "scaling.cpus_per_worker",
+    "scaling.max_failures",
+    "scaling.address",
+    "scaling.storage_path",
+    "analyze",
+)
+
+
+def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def job_diff(old: JobSpec, new: JobSpec) -> Dict[str, Tuple[Any, Any]]:
+    """``{section.key: (old, new)}`` for every field that differs."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def resume_job(output_dir: str | os.PathLike, overrides: Sequence[str] = (), job: Optional[str | os.PathLike] = None) -> JobSpec:
+    """The job to resume in ``output_dir``: its recorded ``job.yaml``, with ``overrides`` that
+    :data:`RESUME_ALLOWED` permits. ConfigError naming every refused field otherwise (and when
+    ``job``, a job file given next to ``--resume``, differs from the recorded one)."""
+    path = Path(output_dir).expanduser() / JOB_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} not found; there is no run to resume in {output_dir}")
+    recorded = load_job(path)
+    refused: List[str] = []
+    if job is not None:
+        given = load_job(job)
+        refused += [f"{k} ({a!r} -> {b!r}, from {job})" for k, (a, b) in job_diff(recorded, given).items()
+                    if k not in RESUME_ALLOWED and k != "training.output_dir"]
+    resumed = load_job(path, overrides)
+    refused += [f"{k} ({a!r} -> {b!r})" for k, (a, b) in job_diff(recorded, resumed).items() if k not in RESUME_ALLOWED]
+    if refused:
+        raise ConfigError(
+            "--resume continues the recorded job; these changes would alter its optimisation: "
+            + "; ".join(refused) + f". Allowed on resume: {', '.join(RESUME_ALLOWED)}"
+        )
+    return resumed
+
+
+def record_job(spec: JobSpec, output_dir: str | os.PathLike) -> Path:
+    """Write the resolved job to ``output_dir/job.yaml`` (never overwriting a different one: a
+    changed spec goes beside it, as ``job.resumed-<time>.yaml``, and the diff is logged)."""
+    import logging
+    import time
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / JOB_FILE
+    if not path.exists():
+        spec.to_yaml(path)
+        return path
+    try:
+        old = load_job(path)
+    except ConfigError:
+        old = None
+    if old == spec:
+        return path
+    beside = out / f"job.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    spec.to_yaml(beside)
+    diff = job_diff(old, spec) if old is not None else {"(unreadable job.yaml)": (None, None)}
+    logging.getLogger(__name__).warning(
+        "the job differs from %s; wrote %s (%s)", path, beside.name,
+        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()),
+    )
+    return beside

@@ -50,9 +50,13 @@ class RoutingInfo(TypedDict, total=False):
     L is the number of MoE layers, T = batch * seq (padding included), E experts, K slots.
     """
 
-    aux_loss: torch.Tensor  #: scalar in the graph: lb_coef * sum(lb) + z_coef * sum(z)
+    aux_loss: torch.Tensor  #: scalar in the graph: lb_coef * sum(lb) + z_coef * sum(z), this call's statistics
     load_balancing_loss: torch.Tensor  #: [L], unweighted, in the graph
     router_z_loss: torch.Tensor  #: [L], unweighted, in the graph
+    selection_counts: torch.Tensor  #: [L, E], the router's selections before capacity dropping
+    prob_sums: torch.Tensor  #: [L, E], router probabilities summed over real tokens, in the graph
+    z_sums: torch.Tensor  #: [L], logsumexp(logits)^2 summed over real tokens, in the graph
+    num_tokens: torch.Tensor  #: scalar, real tokens of this call (the losses' denominator)
     expert_counts: torch.Tensor  #: [L, E] int64, tokens processed per expert (real tokens only)
     dropped_fraction: torch.Tensor  #: [L] float, see the router docs
     router_probs: List[torch.Tensor]  #: L x [T, E] fp32, detached

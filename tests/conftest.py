@@ -1,6 +1,7 @@
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_enable_metrics_collection", "0")  # as moe_lab's embedded clusters run
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest

@@ -14,10 +14,12 @@ def test_default_yaml_equals_builtin_default_job():
 
 
 def _job_specs():
-    """jobs/*.yaml that are job specs (sweep specs and Serve config files have their own tests)."""
+    """jobs/*.yaml that are job specs (sweep specs and ServeArgs files have their own tests)."""
+    from moe_lab.serving import ServeArgs
+
     for path in sorted((ROOT / "jobs").glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
-        if "search_space" not in data and "applications" not in data:
+        if "search_space" not in data and not set(data) <= set(ServeArgs.model_fields):
             yield path
 
 
@@ -67,3 +69,57 @@ def test_vocab_from_tokenizer():
     assert spec.model.vocab_size is None
     assert spec.model.to_config(259).vocab_size == 259
     assert load_job(None, ["model.vocab_size=300"]).model.to_config(259).vocab_size == 300
+
+
+# ---- resume keeps its job ------------------------------------------------------------------
+
+def test_resume_loads_the_recorded_job_and_refuses_optimisation_changes(tmp_path):
+    from moe_lab.jobs import RESUME_ALLOWED, record_job, resume_job
+
+    spec = load_job(None, ["training.max_steps=200", "training.save_steps=5", "training.learning_rate=0.01"])
+    record_job(spec, tmp_path)
+    assert resume_job(tmp_path) == spec  # not the 300-step default job
+    longer = resume_job(tmp_path, ["training.max_steps=400", "training.logging_steps=1"])
+    assert longer.training.max_steps == 400 and longer.training.save_steps == 5
+    with pytest.raises(ConfigError) as exc:
+        resume_job(tmp_path, ["training.learning_rate=0.1", "model.num_layers=2"])
+    msg = str(exc.value)
+    assert "training.learning_rate (0.01 -> 0.1)" in msg and "model.num_layers (4 -> 2)" in msg
+    assert "training.max_steps" in msg and set(RESUME_ALLOWED) >= {"training.max_steps", "training.eval_steps"}
+    with pytest.raises(ConfigError, match=r"training.learning_rate \(0.01 -> 0.003, from"):
+        resume_job(tmp_path, [], ROOT / "jobs" / "default.yaml")  # a different job file next to --resume
+    with pytest.raises(ConfigError, match="no run to resume"):
+        resume_job(tmp_path / "elsewhere")
+
+
+def test_record_job_never_overwrites_a_different_job(tmp_path, caplog):
+    from moe_lab.jobs import record_job
+
+    first = load_job(None, ["training.save_steps=5"])
+    assert record_job(first, tmp_path) == tmp_path / "job.yaml"
+    assert record_job(first, tmp_path) == tmp_path / "job.yaml"  # the same job: nothing new
+    changed = first.replace(training=first.training.replace(max_steps=400))
+    with caplog.at_level("WARNING"):
+        beside = record_job(changed, tmp_path)
+    assert beside.name.startswith("job.resumed-") and load_job(beside) == changed
+    assert load_job(tmp_path / "job.yaml") == first  # the original is intact
+    assert "training.max_steps: 300 -> 400" in caplog.text
+
+
+def test_cli_resume_uses_the_recorded_job(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from moe_lab.cli import app
+    from moe_lab.jobs import record_job
+    from moe_lab.orchestration import train as ray_train
+
+    spec = load_job(None, ["training.max_steps=200", "training.save_steps=5"])
+    record_job(spec, tmp_path)
+    seen = {}
+    monkeypatch.setattr(ray_train, "run_job_ray", lambda s, out, resume, address: seen.update(spec=s, resume=resume) or {})
+    monkeypatch.setattr("moe_lab.runner.format_summary", lambda summary: "ok")
+    res = CliRunner().invoke(app, ["train", "--resume", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["spec"] == spec and seen["resume"] is True
+    res = CliRunner().invoke(app, ["train", "--resume", "-o", str(tmp_path), "--set", "training.learning_rate=1.0"])
+    assert res.exit_code == 2 and "training.learning_rate" in res.output and "Traceback" not in res.output

@@ -247,6 +247,16 @@ class ExpertMonitor:
         self.stop_monitoring()
 
     # ---- the hook ---------------------------------------------------------------------
+    @property
+    def monitored_layers(self) -> List[Tuple[int, Any]]:
+        """``(transformer layer index, MoE layer)`` of every layer the monitor watches."""
+        return list(self._layers)
+
+    def make_hook(self):
+        """The forward hook :meth:`start_monitoring` registers on every MoE layer (public for
+        benchmarks that time it alone: call it as ``hook(layer, args, kwargs, output)``)."""
+        return self._make_hook()
+
     def _make_hook(self):
         """One hook shared by every layer (so compiled layers share one graph); it finds the
         layer's accumulators through the layer itself."""

@@ -120,18 +120,13 @@ def _check_dataset(ds: Any, label_column: str) -> None:
 
 
 def _load_model(checkpoint_dir: PathLike, device: Optional[str]) -> Tuple[Any, Any]:
-    import torch
+    """The checkpoint's model (in eval mode, on ``device``; default CUDA if available) and tokenizer."""
+    from ..checkpoint import Checkpoint
 
-    from ..data import load_tokenizer
-    from ..training.checkpoint import load_pretrained_moe
-
-    ckpt = Path(checkpoint_dir)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
-    model = load_pretrained_moe(ckpt, dropout=0.0)
-    tok = load_tokenizer(ckpt) if (ckpt / "tokenizer_config.json").exists() else load_tokenizer("byte")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(dev).eval(), tok
+    if not Path(checkpoint_dir).exists():
+        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
+    ckpt = Checkpoint.open(checkpoint_dir, dropout=0.0)
+    return ckpt.build_model(device=device or "auto").eval(), ckpt.tokenizer()
 
 
 # ---------------------------------------------------------------------------------------

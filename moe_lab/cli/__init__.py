@@ -1,7 +1,7 @@
 """The ``moe-lab`` command line (Typer).
 
-The app and its error handling live here; each area registers its commands from its own
-module (``_train``, ...), imported at the bottom.
+The app and its error handling live in :mod:`._app`; each area registers its commands from
+its own module (``_train``, ...), imported here.
 
 Commands are thin: they parse options and hand off to plain functions. User mistakes
 (a bad job spec, a missing file, a bad value) print one clear message and exit with code 2,
@@ -10,65 +10,15 @@ never a traceback.
 
 from __future__ import annotations
 
-import functools
 import sys
-from typing import Annotated, Any, Callable, List, Optional
 
 import typer
 
 from ..errors import MoEError
-from ..version import __version__
 
-app = typer.Typer(
-    name="moe-lab",
-    help="Open MoE Trainer Lab: train, sweep, analyse and serve Mixture-of-Experts language models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"moe-lab {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
-    ] = False,
-) -> None:
-    """Open MoE Trainer Lab."""
-
-
-def fail(message: str, code: int = 2) -> "typer.Exit":
-    """Print a user-facing error and return the Exit to raise."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user mistakes (MoEError, missing files) into a one-line message and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MoEError as exc:
-            raise fail(str(exc)) from None
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            raise fail(str(exc)) from None
-
-    return wrapper
-
-
-SetOption = Annotated[
-    Optional[List[str]],
-    typer.Option("--set", help="Override a job field: section.key=value (repeatable), e.g. --set training.max_steps=50"),
-]
+# command modules register themselves on `app`
+from . import _analyze, _distributed, _interop, _serve, _sweep, _train  # noqa: F401,E402
+from ._app import SetOption, app, fail, user_errors  # noqa: F401,E402
 
 
 def main() -> None:
@@ -84,16 +34,3 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
-
-
-
-
-# command modules register themselves on `app`
-from . import (
-    _analyze,  # noqa: E402,F401
-    _distributed,  # noqa: E402,F401
-    _interop,  # noqa: E402,F401
-    _serve,  # noqa: E402,F401
-    _sweep,  # noqa: E402,F401
-    _train,  # noqa: E402,F401
-)

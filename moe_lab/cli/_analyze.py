@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app, user_errors
+from ._app import app, user_errors
 
 
 @app.command()

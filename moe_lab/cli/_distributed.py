@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import SetOption, app, fail, user_errors
+from ._app import SetOption, app, fail, user_errors
 
 AddressOption = Annotated[
     str, typer.Option("--address", help="Ray dashboard / Jobs API address, e.g. http://HOST:8265.",

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app, fail, user_errors
+from ._app import app, fail, user_errors
 
 
 @app.command()
@@ -44,8 +44,8 @@ def upcycle(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
 ) -> None:
     """Turn a dense model into an MoE whose experts start as copies of the dense MLP (same outputs)."""
+    from ..checkpoint import load_pretrained_moe
     from ..interop.upcycle import upcycle_checkpoint
-    from ..training.checkpoint import load_pretrained_moe
 
     path = upcycle_checkpoint(source, out, num_experts, experts_per_token, router_init_std=router_init_std,
                               seed=seed, overwrite=overwrite)

@@ -2,11 +2,18 @@
 
     moe-lab serve outputs/demo/model                          # http://127.0.0.1:8000/v1, Ctrl-C stops it
     moe-lab serve outputs/demo/model --port 8100 --replicas 2 --api-key-env MOE_LAB_API_KEY
-    moe-lab serve --config jobs/serve.yaml                    # a Serve config file (host set in the file)
+    moe-lab serve --config jobs/serve.yaml --set max_batch_size=16 --set request_timeout_s=30
 
-Everything is validated before Ray starts, so a typo costs no cluster start-up. The command
-blocks until Ctrl-C (SIGINT) or SIGTERM, then deletes the app, stops Serve and the local
-Ray cluster, and exits 0.
+The server's settings are :class:`~moe_lab.serving.ServeArgs`: ``--config FILE`` is a YAML
+mapping of its fields (``jobs/serve.yaml`` lists them all), the common ones have flags, and
+any field can be set with ``--set key=value``. Flags and ``--set`` override the file (one
+field given by both a flag and ``--set`` is an error). A Ray Serve config file (one with
+``applications:``, such as the ``serveConfigV2`` in ``cluster/rayservice.yaml``) is for
+Ray's own ``serve run`` / ``serve deploy`` and KubeRay, not for ``--config``.
+
+Everything is validated before Ray starts, so a typo costs no cluster start-up: errors name
+the file, flag or key and exit with code 2. The command blocks until Ctrl-C (SIGINT) or
+SIGTERM, then deletes the app, stops Serve and the local Ray cluster, and exits 0.
 """
 
 from __future__ import annotations
@@ -14,15 +21,13 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from ..errors import ConfigError
-from . import app, user_errors
-
-#: ServeArgs field -> the CLI flag that sets it (where the names differ)
-_FLAGS = {"num_replicas": "replicas", "num_cpus_per_replica": "num-cpus", "checkpoint": "checkpoint"}
+from ..serving.args import load_serve_args, resolve_checkpoint, serve_args_help
+from ._app import app, user_errors
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -34,59 +39,48 @@ def _check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); pick another port") from None
 
 
-@app.command()
+_EPILOG = "ServeArgs fields (for --config FILE and --set key=value):\n\n" + serve_args_help()
+
+
+@app.command(epilog=_EPILOG)
 @user_errors
 def serve(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory to serve (omit with --config).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="A Serve config file (sets host, port and apps).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory to serve (default: `checkpoint:` in --config).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of ServeArgs fields, e.g. jobs/serve.yaml (not a Ray Serve config file).")] = None,
+    set_: Annotated[Optional[List[str]], typer.Option("--set", help="Set a ServeArgs field: key=value (repeatable), e.g. --set max_batch_size=16.")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 exposes the server to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-    replicas: Annotated[int, typer.Option(help="Model replicas.")] = 1,
+    replicas: Annotated[Optional[int], typer.Option(help="Model replicas (num_replicas; default 1).")] = None,
     api_key_env: Annotated[Optional[str], typer.Option(help="Env var holding the API key; requests then need 'Authorization: Bearer <key>'.")] = None,
-    model_name: Annotated[str, typer.Option(help="The model id clients send.")] = "moe-lab",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    max_experts_in_memory: Annotated[int, typer.Option(help="Experts per MoE layer on the device.")] = 4,
-    expert_cache_size: Annotated[int, typer.Option(help="Host copies of experts per MoE layer.")] = 8,
-    max_batch_size: Annotated[int, typer.Option(help="Requests batched into one decode.")] = 8,
-    batch_wait_timeout_s: Annotated[float, typer.Option(help="How long a batch waits to fill (0: batch what queued meanwhile).")] = 0.0,
-    max_ongoing_requests: Annotated[int, typer.Option(help="Requests in flight per replica.")] = 64,
-    max_queued_requests: Annotated[int, typer.Option(help="Requests waiting beyond that before 503s (-1: unbounded).")] = 128,
-    request_timeout_s: Annotated[float, typer.Option(help="Per-request timeout; then 504.")] = 60.0,
-    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 256,
-    num_cpus: Annotated[float, typer.Option(help="Ray CPUs per replica.")] = 1.0,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default auto).")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="The model id clients send (default moe-lab).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead of starting a local one.")] = None,
 ) -> None:
-    """Serve a checkpoint with an OpenAI-compatible API (/v1/completions, /v1/models, /v1/stats, /healthz)."""
-    from ..orchestration import serve as srv
+    """Serve a checkpoint with an OpenAI-compatible API (/v1/completions, /v1/models, /v1/stats, /healthz).
 
-    if (checkpoint is None) == (config is None):
-        raise ConfigError("give either a CHECKPOINT directory or --config FILE (not both)")
-    if config is not None:
-        cfg = srv.load_serve_config(config)  # validated before Ray starts
-        _check_port_free(cfg.http_options.host, cfg.http_options.port)
-        start = lambda: srv.start_from_config(config, address=address)  # noqa: E731
-    else:
-        try:
-            args = srv.ServeArgs(
-                checkpoint=str(checkpoint), model_name=model_name, device=device,
-                max_experts_in_memory=max_experts_in_memory, expert_cache_size=expert_cache_size,
-                max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s, max_ongoing_requests=max_ongoing_requests,
-                max_queued_requests=max_queued_requests, request_timeout_s=request_timeout_s,
-                max_tokens_limit=max_tokens_limit, api_key_env=api_key_env, num_replicas=replicas,
-                num_cpus_per_replica=num_cpus,
-            )
-        except srv.ValidationError as exc:
-            field, msg = srv._validation_message(exc)
-            flag = _FLAGS.get(field or "", (field or "args").replace("_", "-"))
-            raise ConfigError(f"--{flag}: {msg.split(': ', 1)[-1]}") from None
-        srv.app_builder(args)  # checks the checkpoint directory
-        if api_key_env and not os.environ.get(api_key_env):
-            raise ConfigError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
-        _check_port_free(host, port)
-        start = lambda: srv.start_server(args, host=host, port=port, address=address)  # noqa: E731
+    Settings (ServeArgs, listed below): the defaults, then --config FILE (a YAML mapping of fields, like jobs/serve.yaml), then the flags and --set key=value.
+
+    A Ray Serve config file (with applications:) is for Ray's `serve run` / `serve deploy`, not for --config.
+    """
+    if checkpoint is None and config is None:
+        raise ConfigError("give a CHECKPOINT directory (or a --config FILE that sets checkpoint)")
+    flags = {
+        "checkpoint": ("CHECKPOINT", None if checkpoint is None else str(checkpoint)),
+        "num_replicas": ("--replicas", replicas),
+        "api_key_env": ("--api-key-env", api_key_env),
+        "device": ("--device", device),
+        "model_name": ("--model-name", model_name),
+    }
+    args = resolve_checkpoint(load_serve_args(config, flags, set_ or []))
+    if args.api_key_env and not os.environ.get(args.api_key_env):
+        where = "--api-key-env" if api_key_env else "api_key_env"
+        raise ConfigError(f"{where} {args.api_key_env}: the environment variable {args.api_key_env} is not set")
+    _check_port_free(host, port)
+
+    from ..orchestration import serve as srv  # Ray from here on
 
     try:
-        url = start()
+        url = srv.start_server(args, host=host, port=port, address=address)
         typer.echo(f"serving at {url}/v1 (completions, models, stats; health at {url}/healthz). Ctrl-C stops.")
         sig = srv.block_until_signal()
         typer.echo(f"{sig}: shutting down ...")

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from . import app, fail, user_errors
+from ._app import app, fail, user_errors
 
 _SET_HELP = (
     "Override a sweep field (num_samples=4, scheduler.grace_period=50), a base-job field "
@@ -39,7 +39,7 @@ def sweep(
     router_comparison.png into OUTPUT_DIR/NAME. Ctrl-C stops the sweep; `--resume DIR` continues it.
     """
     from ..orchestration.cluster import shutdown_ray
-    from ..tuning import load_sweep, resume_sweep, run_sweep
+    from ..tuning import load_sweep, open_sweep_directory, print_results_table
 
     if (sweep_file is None) == (resume is None):
         raise fail("give either a sweep file (moe-lab sweep SWEEP.yaml) or --resume DIR")
@@ -47,7 +47,12 @@ def sweep(
         raise fail("--set cannot change a sweep being resumed; start a new sweep instead")
     if retry_failed and resume is None:
         raise fail("--retry-failed only applies with --resume DIR")
-    spec = load_sweep(sweep_file, set_ or []) if sweep_file is not None else None  # validated before Ray starts
+    # validated before Ray is imported (a bad spec or directory exits 2 at once)
+    spec = load_sweep(sweep_file, set_ or []) if sweep_file is not None else None
+    if resume is not None:
+        open_sweep_directory(resume)
+    from ..orchestration.tune import resume_sweep, run_sweep
+
     try:
         if spec is not None:
             result = run_sweep(spec, address=address, verbose=0 if quiet else 1)
@@ -56,8 +61,6 @@ def sweep(
     finally:
         shutdown_ray()
     if quiet:
-        from ..orchestration.tune import print_results_table
-
         print_results_table(result)
     typer.echo(f"results: {result.results_csv}")
     if result.plot_path is not None:

@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from . import SetOption, app, user_errors
+from ._app import SetOption, app, user_errors
 
 
 @app.command()
@@ -17,19 +17,24 @@ def train(
     job: Annotated[Optional[Path], typer.Argument(help="Job spec YAML (default: the built-in tiny job on the built-in corpus).")] = None,
     set_: SetOption = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where outputs go (default: training.output_dir).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Resume from the newest checkpoint in the output directory.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Resume the job recorded in the output directory (its job.yaml) from its newest checkpoint; --set may change only logging, eval, checkpoint cadence, max_steps and scaling.")] = False,
     address: Annotated[Optional[str], typer.Option("--address", help="Join this Ray cluster (e.g. auto, ray://host:10001); default: an embedded local cluster.")] = None,
 ) -> None:
     """Train a job on Ray Train workers. With no JOB, train the built-in default job (the main job of `make demo`).
 
     The job's `scaling` section sets the workers: --set scaling.num_workers=2 --set scaling.expert_parallel_size=2.
     """
-    from ..jobs import load_job
+    from ..jobs import load_job, resume_job
     from ..orchestration.cluster import shutdown_ray
     from ..orchestration.train import run_job_ray
-    from ..pipeline import format_summary
+    from ..runner import format_summary
 
-    spec = load_job(job, set_ or [])
+    if resume:  # the job recorded in the output directory; only RESUME_ALLOWED fields may change
+        out = output_dir or Path(load_job(job).training.output_dir)
+        spec = resume_job(out, set_ or [], job)
+        output_dir = out
+    else:
+        spec = load_job(job, set_ or [])
     try:
         summary = run_job_ray(spec, str(output_dir) if output_dir else None, resume=resume, address=address)
     finally:
@@ -37,13 +42,12 @@ def train(
     typer.echo(format_summary(summary))
 
 
-def _load_checkpoint_and_tokenizer(ckpt: Path):
-    from ..data import load_tokenizer
-    from ..training.checkpoint import load_pretrained_moe
+def _load_checkpoint_and_tokenizer(path: Path):
+    """The model (checked against its files before anything is allocated) and its tokenizer."""
+    from ..checkpoint import Checkpoint
 
-    model = load_pretrained_moe(ckpt, dropout=0.0)
-    tok = load_tokenizer(ckpt) if (Path(ckpt) / "tokenizer_config.json").exists() else load_tokenizer("byte")
-    return model, tok
+    ckpt = Checkpoint.open(path, dropout=0.0)
+    return ckpt.build_model(), ckpt.tokenizer()
 
 
 @app.command()

@@ -40,10 +40,10 @@ Stores (where the off-device weights live):
 
 - :class:`TensorExpertStore`: the model's own expert tensors, moved to (pinned, on CUDA
   machines) CPU memory. What ``DynamicExpertLoader(model)`` uses by default.
-- :class:`SafetensorsExpertStore`: experts read lazily from ``model.safetensors`` through
-  ``safe_open`` (memory-mapped: an expert's bytes are read only when it is fetched), with a
-  bounded host-side cache of materialised copies (pinned on CUDA machines). Used by
-  :class:`~moe_lab.inference.OptimizedMoEModel`.
+- :class:`SafetensorsExpertStore`: experts read lazily from a checkpoint's weights
+  (``Checkpoint.weights(lazy=True)``, memory-mapped: an expert's bytes are read only when it
+  is fetched), with a bounded host-side cache of materialised copies (pinned on CUDA
+  machines). Used by :class:`~moe_lab.inference.OptimizedMoEModel`.
 
 A managed model is for inference (no gradients flow into the slots). Its ``state_dict``
 holds the device slots, not the experts: save from the original checkpoint.
@@ -54,7 +54,6 @@ Shape letters: N sorted token rows, D hidden, I intermediate, E experts, C cache
 from __future__ import annotations
 
 import abc
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -63,6 +62,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from ..checkpoint import LazyWeights, read_routing_stats
 from ..errors import CheckpointError, ConfigError, ExpertError
 from ..model.experts import GroupedExperts
 
@@ -131,16 +131,16 @@ class TensorExpertStore(ExpertStore):
 
 
 class SafetensorsExpertStore(ExpertStore):
-    """Experts read lazily from a ``model.safetensors`` file, with a bounded host cache.
+    """Experts read lazily from a checkpoint's ``model.safetensors``, with a bounded host cache.
 
-    The file is opened with ``safetensors.safe_open`` (memory-mapped); fetching an expert
-    reads only that expert's rows (``get_slice``). Up to ``host_cache_size`` materialised
-    copies per layer are kept in host memory (LRU; pinned when ``pin_memory``), so a
-    repeated fetch is a memory copy instead of a read from the mapped file. With
-    ``host_cache_size=0`` every fetch reads the file.
+    The weights are a :class:`~moe_lab.checkpoint.LazyWeights` (memory-mapped through
+    ``safetensors.safe_open``, headers checked); fetching an expert reads only that expert's
+    rows. Up to ``host_cache_size`` materialised copies per layer are kept in host memory
+    (LRU; pinned when ``pin_memory``), so a repeated fetch is a memory copy instead of a read
+    from the mapped file. With ``host_cache_size=0`` every fetch reads the file.
 
     Args:
-        path: the ``model.safetensors`` file.
+        weights: ``Checkpoint.weights(lazy=True)``, or the path of a ``model.safetensors`` file.
         layer_indices: transformer layer indices of the MoE layers
             (keys ``layers.{i}.mlp.experts.w_in`` / ``.w_out``).
         host_cache_size: materialised host copies kept per layer.
@@ -150,35 +150,31 @@ class SafetensorsExpertStore(ExpertStore):
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        weights: Union[LazyWeights, str, os.PathLike],
         layer_indices: Sequence[int],
         host_cache_size: int = 8,
         pin_memory: bool = False,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        from safetensors import SafetensorError, safe_open
-
         if isinstance(host_cache_size, bool) or not isinstance(host_cache_size, int) or host_cache_size < 0:
             raise ConfigError(f"expert_cache_size (host copies per layer) must be an int >= 0, got {host_cache_size!r}")
-        self.path = Path(path)
-        try:
-            self._file = safe_open(str(self.path), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot open {self.path}: {exc}") from None
-        keys = set(self._file.keys())
+        if not isinstance(weights, LazyWeights):
+            weights = LazyWeights.from_files([Path(weights)])
+        self.weights = weights
+        self.path = weights.files[0] if weights.files else None
         self._layers = list(layer_indices)
         self._shapes: Dict[int, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
         num = set()
         for idx in self._layers:
             names = (f"layers.{idx}.mlp.experts.w_in", f"layers.{idx}.mlp.experts.w_out")
-            missing = [n for n in names if n not in keys]
+            missing = [n for n in names if n not in weights]
             if missing:
-                raise CheckpointError(f"{self.path} has no expert weights {missing} for MoE layer {idx}")
-            shapes = tuple(tuple(self._file.get_slice(n).get_shape()) for n in names)
+                raise CheckpointError(f"{weights!r} has no expert weights {missing} for MoE layer {idx}")
+            shapes = tuple(weights.spec(n).shape for n in names)
             self._shapes[idx] = shapes  # type: ignore[assignment]
             num.add(shapes[0][0])
         if len(num) != 1:
-            raise CheckpointError(f"MoE layers in {self.path} hold different numbers of experts: {sorted(num)}")
+            raise CheckpointError(f"MoE layers in {weights!r} hold different numbers of experts: {sorted(num)}")
         self.num_experts = num.pop()
         self.host_cache_size = host_cache_size
         self.pin_memory = pin_memory
@@ -198,7 +194,7 @@ class SafetensorsExpertStore(ExpertStore):
     def _read(self, layer_idx: int, expert: int) -> ExpertPair:
         out = []
         for name in (f"layers.{layer_idx}.mlp.experts.w_in", f"layers.{layer_idx}.mlp.experts.w_out"):
-            t = self._file.get_slice(name)[expert : expert + 1][0]  # reads this expert's rows only
+            t = self.weights.rows(name, expert, expert + 1)[0]  # reads this expert's rows only
             self.file_bytes_read += t.numel() * t.element_size()
             if self.dtype is not None and t.dtype != self.dtype:
                 t = t.to(self.dtype)
@@ -512,19 +508,14 @@ class CachedExperts(nn.Module):
 
 
 def load_routing_stats(source: Union[None, str, os.PathLike, Dict[str, Any]]) -> Optional[Dict[int, List[float]]]:
-    """``{layer_idx: tokens per expert}`` from a ``routing_stats.json`` path or its parsed dict."""
+    """``{layer_idx: tokens per expert}`` from a checkpoint directory, its ``routing_stats.json``
+    or the parsed dict (``Checkpoint.routing_stats()``); None when there are none."""
     if source is None:
         return None
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            path = path / "routing_stats.json"
-        if not path.exists():
+        source = read_routing_stats(source)
+        if source is None:
             return None
-        try:
-            source = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(source, dict) or "expert_counts" not in source or "moe_layer_indices" not in source:
         raise ConfigError("routing_stats must hold 'moe_layer_indices' and 'expert_counts' (see routing_stats.json)")
     return {int(i): [float(c) for c in row] for i, row in zip(source["moe_layer_indices"], source["expert_counts"])}

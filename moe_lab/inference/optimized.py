@@ -6,11 +6,13 @@
     model.generate_text("12 + 5 =", max_new_tokens=16, temperature=0)            # str
     model.complete([CompletionRequest("12 + 5 =", max_tokens=8)])                # batched, per-request params
 
-Loading: ``config.json`` + ``model.safetensors`` through ``safetensors.safe_open`` (no
-pickle). The dense weights (embeddings, attention, norms, routers, lm_head) are read onto
-the compute device; the experts are *not* read: the model is built on the meta device and
-each MoE layer's experts are handed to a :class:`~moe_lab.inference.DynamicExpertLoader`
-backed by a :class:`~moe_lab.inference.expert_cache.SafetensorsExpertStore`.
+Loading: through :class:`~moe_lab.checkpoint.Checkpoint` (no pickle; every tensor's shape
+and dtype checked against the safetensors header before anything is allocated). The dense
+weights (embeddings, attention, norms, routers, lm_head) are read onto the compute device;
+the experts are *not* read: they stay on the meta device and each MoE layer's experts are
+handed to a :class:`~moe_lab.inference.DynamicExpertLoader` backed by a
+:class:`~moe_lab.inference.expert_cache.SafetensorsExpertStore` over the checkpoint's lazy
+weights.
 
 The two memory knobs (both per MoE layer, both counted in experts):
 
@@ -40,7 +42,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ..config import MoEConfig
+from ..checkpoint import Checkpoint
+from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, InputError
 from .expert_cache import DynamicExpertLoader, SafetensorsExpertStore
 from .generate import KVCache, pad_batch, sample_next_token, validate_sampling
@@ -273,26 +276,9 @@ def _check_int(name: str, value: Any, lo: Optional[int] = None, hi: Optional[int
 # ---------------------------------------------------------------------------------------
 
 
-def resolve_device(device_map: Union[str, torch.device]) -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch.device."""
-    if isinstance(device_map, torch.device):
-        device = device_map
-    elif isinstance(device_map, str) and device_map == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(device_map)
-        except (RuntimeError, TypeError):
-            raise ConfigError(f"device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device_map!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device_map!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device_map={device_map!r} but CUDA is not available on this machine")
-    return device
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+def is_expert_weight(name: str) -> bool:
+    """The stacked expert tensors (``layers.{i}.mlp.experts.w_in`` / ``w_out``): read on demand."""
+    return ".mlp.experts." in name
 
 
 class OptimizedMoEModel:
@@ -312,6 +298,7 @@ class OptimizedMoEModel:
     Attributes:
         model: the underlying :class:`~moe_lab.model.MoEModel` (experts managed in place).
         expert_loader: its :class:`DynamicExpertLoader`.
+        checkpoint: the :class:`~moe_lab.checkpoint.Checkpoint` it was read from.
         tokenizer: the checkpoint's tokenizer (the byte tokenizer when none was saved).
     """
 
@@ -325,97 +312,45 @@ class OptimizedMoEModel:
         prefetch_strategy: str = "usage_based",
         dtype: Union[None, str, torch.dtype] = None,
     ) -> None:
-        from safetensors import SafetensorError, safe_open
-
-        from ..model.transformer import MoEModel, RotaryEmbedding
-        from ..training.checkpoint import (
-            CONFIG_NAME,
-            ROUTING_STATS,
-            WEIGHTS_NAME,
-            read_json,
-        )
-
         for name, v, lo in (("max_experts_in_memory", max_experts_in_memory, 1), ("expert_cache_size", expert_cache_size, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
-        path = Path(model_path).expanduser()
-        if not path.is_dir():
+        if not Path(model_path).expanduser().is_dir():
             raise CheckpointError(f"checkpoint directory not found: {model_path}")
-        for required in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / required).exists():
-                raise CheckpointError(f"{path} has no {required}; not a complete moe_lab checkpoint")
-        raw = read_json(path / CONFIG_NAME)
-        if "model_type" in raw:
-            raise CheckpointError(f"{path} is a transformers checkpoint (model_type {raw['model_type']!r})")
-        try:
-            config = MoEConfig.from_dict({**raw, "dropout": 0.0, "attention_dropout": 0.0, "expert_dropout": 0.0})
-        except ConfigError as exc:
-            raise CheckpointError(f"{path / CONFIG_NAME} holds an invalid configuration: {exc}") from None
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-            dtype = _DTYPES[dtype]
-        self.path = path
-        self.config = config
-        self.device = resolve_device(device_map)
-        self.max_experts_in_memory = max_experts_in_memory
-        self.expert_cache_size = expert_cache_size
-
-        with torch.device("meta"):
-            model = MoEModel(config=config)
-        weights = path / WEIGHTS_NAME
-        try:
-            with safe_open(str(weights), framework="pt", device="cpu") as f:
-                dense = {k: f.get_tensor(k) for k in f.keys() if ".mlp.experts." not in k}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot read {weights}: {exc}") from None
-        if config.tie_word_embeddings and "embed_tokens.weight" in dense:
-            dense.setdefault("lm_head.weight", dense["embed_tokens.weight"])
-        expected = {k for k in model.state_dict() if ".mlp.experts." not in k}
-        missing, unexpected = sorted(expected - set(dense)), sorted(set(dense) - expected)
-        if missing or unexpected:
+        self.device = resolve_device(device_map, "device_map")
+        dtype = resolve_dtype(dtype)
+        ckpt = Checkpoint.open(Path(model_path).expanduser(), dropout=0.0, attention_dropout=0.0, expert_dropout=0.0)
+        if ckpt.format != "moe_lab":
             raise CheckpointError(
-                f"{weights} does not match {CONFIG_NAME}: missing {missing[:8]}, unexpected {unexpected[:8]}"
+                f"{ckpt.path} is a transformers checkpoint (model_type {ckpt.model_type!r}); OptimizedMoEModel reads "
+                "moe_lab checkpoints: convert it first with moe_lab.import_hf_mixtral(path, out=DIR)"
             )
-        for k in expected:
-            want = tuple(model.state_dict()[k].shape)
-            if tuple(dense[k].shape) != want:
-                raise CheckpointError(f"{weights}: {k} has shape {tuple(dense[k].shape)}, the config implies {want}")
-        stored_dtype = dense["embed_tokens.weight"].dtype
-        dtype = dtype or stored_dtype
-        model.load_state_dict(dense, strict=False, assign=True)
-        model.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
-
-        layer_ids = list(model.moe_layer_indices)
+        dtype = dtype or ckpt.stored_dtype
+        # every tensor is checked against the header; the experts stay on the meta device
+        model = ckpt.build_model(device=self.device, dtype=dtype, exclude=is_expert_weight)
         store = SafetensorsExpertStore(
-            weights, layer_ids, host_cache_size=expert_cache_size, pin_memory=self.device.type == "cuda", dtype=dtype
+            ckpt.weights(lazy=True), model.moe_layer_indices, host_cache_size=expert_cache_size,
+            pin_memory=self.device.type == "cuda", dtype=dtype,
         )
-        for idx in layer_ids:
-            want_in = tuple(model.layers[idx].mlp.experts.w_in.shape)
-            want_out = tuple(model.layers[idx].mlp.experts.w_out.shape)
-            got_in, got_out = store.shapes(idx)
-            if (tuple(got_in), tuple(got_out)) != (want_in, want_out):
-                raise CheckpointError(
-                    f"{weights}: layer {idx} experts have shapes {got_in}/{got_out}, the config implies {want_in}/{want_out}"
-                )
-        routing = path / ROUTING_STATS
         self.expert_loader = DynamicExpertLoader(
             model,
             cache_size=max_experts_in_memory,
             eviction_policy=eviction_policy,
             prefetch_strategy=prefetch_strategy,
-            routing_stats=routing if routing.exists() else None,
+            routing_stats=ckpt.routing_stats(),
             store=store,
             device=self.device,
             dtype=dtype,
         )
-        model.to(device=self.device, dtype=dtype)
-        model.rotary.inv_freq = model.rotary.inv_freq.float()  # RoPE frequencies stay fp32
-        leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+        leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
         if leftovers:
             raise CheckpointError(f"weights left unloaded: {leftovers[:8]}")
-        model.eval()
-        self.model = model
+        self.checkpoint = ckpt
+        self.path = ckpt.path
+        self.config = ckpt.config
+        self.max_experts_in_memory = max_experts_in_memory
+        self.expert_cache_size = expert_cache_size
+        self.model = model.eval()
         self.dtype = dtype
         self._tokenizer: Any = None
         #: decode with the static KV cache + CUDA-graph step when every expert is resident
@@ -429,10 +364,7 @@ class OptimizedMoEModel:
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer (loaded on first use); the byte tokenizer if none was saved."""
         if self._tokenizer is None:
-            from ..data import load_tokenizer
-
-            has_files = (self.path / "tokenizer_config.json").exists() or (self.path / "tokenizer.json").exists()
-            self._tokenizer = load_tokenizer(self.path if has_files else "byte")
+            self._tokenizer = self.checkpoint.tokenizer()
         return self._tokenizer
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:

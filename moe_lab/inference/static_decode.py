@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..model.experts import grouped_mm_supported
+from ..ops.grouped_mm import grouped_mm_supported
 from ..types import RouterType
 from .generate import decode_loop, pad_batch, validate_sampling
 

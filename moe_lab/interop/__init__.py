@@ -9,7 +9,8 @@ and sparse upcycling of dense models.
 
 CLI: ``moe-lab export CKPT --format hf-mixtral --out DIR`` and
 ``moe-lab upcycle SRC --num-experts 8 --experts-per-token 2 --out DIR``.
-``load_pretrained_moe`` reads transformers Mixtral directories too.
+``load_pretrained_moe`` and ``moe_lab.checkpoint.Checkpoint.open`` read transformers Mixtral
+directories too (see :mod:`moe_lab.interop.readers`).
 
 transformers itself is never imported here: the files are plain JSON and safetensors.
 Qwen2-MoE export is not offered: moe_lab models have no shared experts, and a
@@ -27,10 +28,13 @@ from .hf_mixtral import (
     mixtral_export_problems,
 )
 from .hf_tokenizer import byte_tokenizer_backend, load_hf_tokenizer, save_hf_tokenizer
+from .readers import DenseLlamaCheckpoint, MixtralCheckpoint  # registers the readers with moe_lab.checkpoint
 from .upcycle import upcycle, upcycle_checkpoint
 
 __all__ = [
+    "DenseLlamaCheckpoint",
     "FORMATS",
+    "MixtralCheckpoint",
     "UnsupportedConversionError",
     "byte_tokenizer_backend",
     "check_mixtral_exportable",

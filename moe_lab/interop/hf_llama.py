@@ -11,8 +11,8 @@ Mapping: ``mlp.gate_proj`` and ``mlp.up_proj`` [I, D] become the dense MLP's fus
 ``up.weight`` [2I, D] (gate rows first), ``mlp.down_proj`` becomes ``down.weight``; the
 attention, norms, embeddings and head map as for Mixtral. Features moe_lab cannot run
 exactly (biases, scaled RoPE, head_dim != hidden/heads, a sliding window shorter than the
-context, other activations) are refused with every reason listed. Reads JSON and
-safetensors only; transformers is not needed.
+context, other activations) are refused with every reason listed. Read through
+:class:`moe_lab.checkpoint.Checkpoint` (JSON and safetensors only; transformers is not needed).
 """
 
 from __future__ import annotations
@@ -23,17 +23,10 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint, describe_key_mismatch, read_config_json
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError
-from ..training.checkpoint import describe_key_mismatch
-from ._io import (
-    PathLike,
-    UnsupportedConversionError,
-    put_attention_and_norms,
-    read_config,
-    read_hf_weights,
-    rope_theta_of,
-)
+from ._io import PathLike, UnsupportedConversionError, put_attention_and_norms, rope_theta_of
 
 #: transformers defaults for the fields a config.json may leave out
 DENSE_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -188,14 +181,8 @@ def dense_state_dict_from_hf(state: Dict[str, torch.Tensor], config: MoEConfig) 
 
 def load_hf_llama_dense(path: PathLike, **overrides: Any) -> nn.Module:
     """A local transformers Llama/Mistral directory as an all-dense :class:`~moe_lab.MoEModel` (fp32)."""
-    from ..model.transformer import MoEModel
-
     d = Path(path).expanduser()
-    raw = read_config(d)
-    config = dense_config_from_hf(raw, **overrides)
-    state = dense_state_dict_from_hf(read_hf_weights(d), config)
-    model = MoEModel.from_config(config)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True)
-    return model
+    model_type = read_config_json(d).get("model_type")
+    if model_type not in DENSE_DEFAULTS:
+        raise CheckpointError(f"model_type {model_type!r} is not a supported dense model; expected one of {list(DENSE_MODEL_TYPES)}")
+    return Checkpoint.open(d, **overrides).build_model()

@@ -46,23 +46,27 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..checkpoint import (
+    AtomicDirectory,
+    Checkpoint,
+    describe_key_mismatch,
+    read_config_json,
+    resolve_checkpoint_dir,
+    write_checkpoint,
+    write_model_files,
+)
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError, InputError
-from ..training.checkpoint import describe_key_mismatch
 from ..types import ActivationType, ExpertType, RouterType
 from ..version import __version__
 from ._io import (
     DEFAULT_MAX_SHARD_BYTES,
-    HF_CONFIG,
     PathLike,
     UnsupportedConversionError,
     dtype_name,
     put_attention_and_norms,
-    read_config,
-    read_hf_weights,
     resolve_dtype,
     rope_theta_of,
-    write_hf_weights,
     write_json,
 )
 
@@ -254,18 +258,6 @@ def _token_ids(tokenizer: Any) -> Dict[str, Optional[int]]:
     return {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
-def _resolve_checkpoint_dir(path: PathLike) -> Path:
-    """A moe_lab checkpoint directory, or a job output directory holding one in ``model/``."""
-    d = Path(path).expanduser()
-    if not d.exists():
-        raise CheckpointError(f"checkpoint directory not found: {d}")
-    if not (d / HF_CONFIG).is_file() and (d / "model" / HF_CONFIG).is_file():
-        return d / "model"
-    if not (d / HF_CONFIG).is_file():
-        raise CheckpointError(f"{d} has no {HF_CONFIG}; expected a moe_lab checkpoint directory")
-    return d
-
-
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a directory")
@@ -299,8 +291,6 @@ def export_hf_mixtral(
     Raises:
         UnsupportedConversionError: the model uses features Mixtral cannot express (all listed).
     """
-    from ..training.checkpoint import AtomicDirectory, load_pretrained_moe
-
     out = Path(out_dir).expanduser()
     target_dtype = resolve_dtype(dtype)
     if isinstance(model_or_checkpoint, nn.Module):
@@ -310,20 +300,12 @@ def export_hf_mixtral(
             raise InputError(f"expected a moe_lab MoEModel, got {type(model).__name__}")
         check_mixtral_exportable(config)
     elif isinstance(model_or_checkpoint, (str, Path)) or hasattr(model_or_checkpoint, "__fspath__"):
-        ckpt = _resolve_checkpoint_dir(model_or_checkpoint)
-        raw = read_config(ckpt)
-        if raw.get("model_type") is None:  # a moe_lab checkpoint: check before loading the weights
-            try:
-                check_mixtral_exportable(MoEConfig.from_dict(raw))
-            except UnsupportedConversionError:
-                raise
-            except ConfigError as exc:
-                raise CheckpointError(f"{ckpt / HF_CONFIG} holds an invalid configuration: {exc}") from None
-        model = load_pretrained_moe(ckpt)
+        ckpt = Checkpoint.open(resolve_checkpoint_dir(model_or_checkpoint))
+        check_mixtral_exportable(ckpt.config)  # before the weights are read
+        model = ckpt.build_model()
         config = model.config
-        check_mixtral_exportable(config)
-        if tokenizer is None:
-            tokenizer = _checkpoint_tokenizer(ckpt)
+        if tokenizer is None and ckpt.has_tokenizer:
+            tokenizer = ckpt.tokenizer()
     else:
         raise InputError(
             f"model_or_checkpoint must be a MoEModel or a checkpoint directory, got {type(model_or_checkpoint).__name__}"
@@ -339,8 +321,7 @@ def export_hf_mixtral(
     hf_config[EMBEDDED_CONFIG_KEY] = config.to_dict()
     hf_config["moe_lab_version"] = __version__
     with AtomicDirectory(out) as tmp:
-        write_json(tmp / HF_CONFIG, hf_config)
-        write_hf_weights(tmp, tensors, max_shard_bytes)
+        write_model_files(tmp, hf_config, tensors, metadata={"format": "pt"}, max_shard_bytes=max_shard_bytes)
         ids = {k: v for k, v in _token_ids(tokenizer).items() if v is not None}
         if ids:
             write_json(tmp / "generation_config.json", {**ids, "_from_model_config": True})
@@ -364,15 +345,6 @@ def _make_shareable(directory: Path) -> None:
     for f in directory.iterdir():
         if f.is_file():
             f.chmod(0o666 & ~umask)
-
-
-def _checkpoint_tokenizer(ckpt: Path) -> Any:
-    """The tokenizer saved in a moe_lab (or transformers) checkpoint directory, or None."""
-    if (ckpt / "tokenizer_config.json").is_file():
-        from ..data.tokenizer import load_tokenizer
-
-        return load_tokenizer(str(ckpt))
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -532,7 +504,8 @@ def moe_state_dict_from_mixtral(state: Dict[str, torch.Tensor], config: MoEConfi
     if config.tie_word_embeddings:
         if "lm_head.weight" in src:
             used.add("lm_head.weight")
-            if "embed_tokens.weight" in out and not torch.equal(src["lm_head.weight"], out["embed_tokens.weight"]):
+            head, embed = src["lm_head.weight"], out.get("embed_tokens.weight")
+            if embed is not None and not head.is_meta and not torch.equal(head, embed):
                 mismatched.append("lm_head.weight differs from embed_tokens.weight but tie_word_embeddings=True")
     else:
         put("lm_head.weight", "lm_head.weight", (config.vocab_size, d))
@@ -549,19 +522,15 @@ def load_hf_mixtral(path: PathLike, **overrides: Any) -> nn.Module:
         path: a directory with ``config.json`` (model_type "mixtral") and safetensors weights.
         **overrides: MoEConfig fields to change (``dropout``, ``moe_backend``, ...).
     """
-    from ..model.transformer import MoEModel
+    return _open_mixtral(path, **overrides).build_model()
 
+
+def _open_mixtral(path: PathLike, **overrides: Any) -> Checkpoint:
     d = Path(path).expanduser()
-    raw = read_config(d)
-    if raw.get("model_type") != "mixtral":
-        raise CheckpointError(f"{d} holds model_type {raw.get('model_type')!r}, not 'mixtral'")
-    config = moe_config_from_mixtral(raw, **overrides)
-    state = moe_state_dict_from_mixtral(read_hf_weights(d), config)
-    model = MoEModel.from_config(config)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True)
-    return model
+    model_type = read_config_json(d).get("model_type")
+    if model_type != "mixtral":
+        raise CheckpointError(f"{d} holds model_type {model_type!r}, not 'mixtral'")
+    return Checkpoint.open(d, **overrides)
 
 
 def import_hf_mixtral(
@@ -578,12 +547,9 @@ def import_hf_mixtral(
         ``(model, tokenizer)``; the tokenizer is the moe_lab tokenizer an export came from, a
         transformers tokenizer otherwise, or None if the directory has none.
     """
-    from .hf_tokenizer import load_hf_tokenizer
-
-    model = load_hf_mixtral(path, **overrides)
-    tokenizer = load_hf_tokenizer(path)
+    ckpt = _open_mixtral(path, **overrides)
+    model = ckpt.build_model()
+    tokenizer = ckpt.tokenizer() if ckpt.has_tokenizer else None
     if out is not None:
-        from ..training.checkpoint import write_checkpoint
-
         write_checkpoint(out, model.config, model.state_dict(), tokenizer=tokenizer)
     return model, tokenizer

@@ -27,11 +27,12 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint, read_config_json, resolve_checkpoint_dir, write_checkpoint
 from ..config import MoEConfig
 from ..constants import MAX_EXPERTS_SUPPORTED
 from ..errors import CheckpointError, ConfigError, InputError
 from ..types import RouterType
-from ._io import HF_CONFIG, PathLike, UnsupportedConversionError, read_config
+from ._io import PathLike, UnsupportedConversionError
 
 
 def _check_counts(num_experts: Any, experts_per_token: Any) -> None:
@@ -161,26 +162,27 @@ def upcycle(
     return model
 
 
-def load_dense_source(path: PathLike) -> nn.Module:
-    """A dense model from a moe_lab checkpoint (or job output) directory or a Llama/Mistral directory."""
-    from ..training.checkpoint import load_pretrained_moe
-    from .hf_llama import DENSE_MODEL_TYPES, load_hf_llama_dense
+def open_dense_source(path: PathLike) -> Checkpoint:
+    """The checkpoint of a dense model: a moe_lab checkpoint (or job output) directory, or a
+    transformers Llama/Mistral directory."""
+    from .hf_llama import DENSE_MODEL_TYPES
 
     d = Path(path).expanduser()
     if not d.is_dir():
         raise CheckpointError(f"source directory not found: {d}")
-    if not (d / HF_CONFIG).is_file() and (d / "model" / HF_CONFIG).is_file():
-        d = d / "model"
-    raw = read_config(d)
-    model_type = raw.get("model_type")
-    if model_type is None:
-        return load_pretrained_moe(d)
-    if model_type in DENSE_MODEL_TYPES:
-        return load_hf_llama_dense(d)
-    raise CheckpointError(
-        f"{d} holds a transformers {model_type!r} model; upcycling reads moe_lab checkpoints and "
-        f"transformers {list(DENSE_MODEL_TYPES)} directories"
-    )
+    d = resolve_checkpoint_dir(d)
+    model_type = read_config_json(d).get("model_type")
+    if model_type is not None and model_type not in DENSE_MODEL_TYPES:
+        raise CheckpointError(
+            f"{d} holds a transformers {model_type!r} model; upcycling reads moe_lab checkpoints and "
+            f"transformers {list(DENSE_MODEL_TYPES)} directories"
+        )
+    return Checkpoint.open(d)
+
+
+def load_dense_source(path: PathLike) -> nn.Module:
+    """A dense model from a moe_lab checkpoint (or job output) directory or a Llama/Mistral directory."""
+    return open_dense_source(path).build_model()
 
 
 class _TokenizerFiles:
@@ -195,18 +197,12 @@ class _TokenizerFiles:
         return copy_tokenizer_files(self.src, directory)
 
 
-def _source_tokenizer(path: PathLike) -> Any:
-    from .hf_tokenizer import has_tokenizer_files
-
-    d = Path(path).expanduser()
-    if not (d / HF_CONFIG).is_file() and (d / "model" / HF_CONFIG).is_file():
-        d = d / "model"
-    config_path = d / "tokenizer_config.json"
-    if config_path.is_file() and read_config(d).get("model_type") is None:
-        from ..data.tokenizer import load_tokenizer
-
-        return load_tokenizer(str(d))  # a moe_lab checkpoint's own tokenizer
-    return _TokenizerFiles(d) if has_tokenizer_files(d) or config_path.is_file() else None
+def _source_tokenizer(source: Checkpoint) -> Any:
+    """What the upcycled checkpoint saves as its tokenizer: a moe_lab checkpoint's own tokenizer,
+    a transformers directory's tokenizer files as they are, or None when the source has none."""
+    if not source.has_tokenizer:
+        return None
+    return source.tokenizer() if source.format == "moe_lab" else _TokenizerFiles(source.path)
 
 
 def upcycle_checkpoint(
@@ -220,10 +216,9 @@ def upcycle_checkpoint(
 ) -> Path:
     """Upcycle a dense checkpoint (moe_lab or transformers Llama/Mistral) into a moe_lab checkpoint
     directory, tokenizer included. Returns the output directory."""
-    from ..training.checkpoint import write_checkpoint
-
     out_path = Path(out).expanduser()
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
         raise ConfigError(f"output {out_path} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
-    model = upcycle(src, num_experts, experts_per_token, router_init_std=router_init_std, seed=seed)
-    return write_checkpoint(out_path, model.config, model.state_dict(), tokenizer=_source_tokenizer(src))
+    source = open_dense_source(src)
+    model = upcycle(source.build_model(), num_experts, experts_per_token, router_init_std=router_init_std, seed=seed)
+    return write_checkpoint(out_path, model.config, model.state_dict(), tokenizer=_source_tokenizer(source))

@@ -1,13 +1,15 @@
 """The pure-PyTorch MoE model: routers, experts, dispatch, the MoE layer and the transformer."""
 
-from .dispatch import DispatchMetadata, LocalDispatcher
-from .experts import FeedForwardExpert, GLUExpert, GroupedExperts, grouped_mm_supported
+from .dispatch import AllToAllDispatcher, DispatchMetadata, LocalDispatcher
+from .experts import EXPERT_BACKENDS, FeedForwardExpert, GLUExpert, GroupedExperts
 from .moe_layer import MoELayer
 from .routers import ExpertChoiceRouter, Router, SwitchRouter, TopKRouter, build_router
-from .transformer import MoEModel
+from .transformer import MoEModel, expert_parameter_names
 
 __all__ = [
+    "AllToAllDispatcher",
     "DispatchMetadata",
+    "EXPERT_BACKENDS",
     "ExpertChoiceRouter",
     "FeedForwardExpert",
     "GLUExpert",
@@ -19,5 +21,5 @@ __all__ = [
     "SwitchRouter",
     "TopKRouter",
     "build_router",
-    "grouped_mm_supported",
+    "expert_parameter_names",
 ]

@@ -6,20 +6,23 @@ the experts' output rows and returns ``[T, D]``, each token the weighted sum of 
 Empty slots (-1) are skipped. The metadata that ``combine`` needs travels in a frozen
 dataclass.
 
-:class:`LocalDispatcher` is the single-process dispatcher. The expert-parallel dispatcher
-(:class:`moe_lab.parallel.AllToAllDispatcher`) has the same interface and adds an
-all-to-all between the two halves.
+:class:`LocalDispatcher` is the single-process dispatcher. :class:`AllToAllDispatcher`, the
+expert-parallel one, has the same interface and adds an all-to-all between the two halves
+(:func:`moe_lab.ops.all_to_all.all_to_all`). ``MoELayer.use_dispatcher`` installs one.
 
-Shape letters: T tokens, D hidden, K slots per token, N routed rows, E experts.
+Shape letters: T tokens, D hidden, K slots per token, N routed rows, E experts, M rows
+received from all ranks, P expert-parallel ranks, L experts per rank.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
+from ..ops.all_to_all import all_to_all
 from .routers import count_assignments
 
 
@@ -110,4 +113,59 @@ class LocalDispatcher:
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
         """Weighted sum of each token's expert outputs: [T, D]."""
+        return combine_rows(y_ND, meta)
+
+
+@dataclass(frozen=True)
+class _A2AState:
+    in_splits: List[int]
+    out_splits: List[int]
+    local_perm_M: torch.Tensor  #: the order that sorts received rows by local expert
+
+
+class AllToAllDispatcher:
+    """Expert-parallel dispatch: sort by global expert, all-to-all to the expert's rank, sort by
+    local expert; ``combine`` runs the reverse and the weighted sum. No parameters."""
+
+    def __init__(self, num_experts: int, group: Any) -> None:
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        expert_indices_TK: torch.Tensor,
+        combine_weights_TK: torch.Tensor,
+        all_valid: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, DispatchMetadata]:
+        """Returns ``(x_MD sorted by local expert, tokens_per_local_expert_L, metadata)``."""
+        token_idx_N, weights_N, tokens_per_expert_E, order = sort_by_expert(
+            expert_indices_TK, combine_weights_TK, self.num_experts, all_valid
+        )
+        p, l = self.ep_size, self.num_local_experts
+        recv_counts_E = torch.empty_like(tokens_per_expert_E)  # [P * L]: rows for my experts from each rank
+        dist.all_to_all_single(recv_counts_E, tokens_per_expert_E.contiguous(), group=self.group)
+        counts = torch.stack([tokens_per_expert_E, recv_counts_E]).cpu()  # one host sync for both
+        in_splits = counts[0].view(p, l).sum(1).tolist()
+        out_splits = counts[1].view(p, l).sum(1).tolist()
+        x_MD = all_to_all(x_TD[token_idx_N], out_splits, in_splits, self.group)  # by (source rank, expert)
+        recv_PL = recv_counts_E.view(p, l)
+        local_expert_of_row_M = torch.repeat_interleave(
+            torch.arange(l, device=x_TD.device).repeat(p), recv_PL.reshape(-1)
+        )
+        local_perm_M = torch.argsort(local_expert_of_row_M, stable=True)
+        meta = DispatchMetadata(
+            token_idx_N, weights_N, tokens_per_expert_E, x_TD.shape[0], _A2AState(in_splits, out_splits, local_perm_M),
+            order=order if all_valid else None, weights_TK=combine_weights_TK if all_valid else None,
+        )
+        return x_MD[local_perm_M], recv_PL.sum(0), meta
+
+    def combine(self, y_MD: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
+        """Undo the local sort and the all-to-all, then the weighted sum: [T, D]."""
+        state: _A2AState = meta.extra
+        y_recv_MD = y_MD[torch.argsort(state.local_perm_M)]  # back to (source rank, expert) order
+        y_ND = all_to_all(y_recv_MD, state.in_splits, state.out_splits, self.group)
         return combine_rows(y_ND, meta)

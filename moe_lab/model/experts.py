@@ -6,34 +6,38 @@ Two expert shapes, no biases:
   The gate and up projections are fused in one weight, gate rows first (the transformers v5
   Mixtral layout).
 
-:class:`GroupedExperts` stacks all experts of a layer: ``w_in [E, I_in, D]`` (``I_in`` = I for
-FFN, 2I for GLU) and ``w_out [E, D, I]``. It takes tokens already sorted by expert plus the
-number of tokens per expert, and runs one of two paths:
+:class:`GroupedExperts` stacks all experts of a layer: ``w_in`` ``[E, I_in, D]`` (``I_in`` = I
+for FFN, 2I for GLU) and ``w_out`` ``[E, D, I]``. It takes tokens already sorted by expert
+plus the number of tokens per expert, and runs one of the backends of :data:`EXPERT_BACKENDS`
+(chosen by name, all with one signature):
 
 - ``eager``: the reference; a Python loop over experts, two matmuls each.
 - ``grouped``: one grouped matmul per projection for all experts at once
-  (``torch.nn.functional.grouped_mm`` where the device, dtype and alignment allow it; else a
-  padded batched matmul).
+  (:func:`moe_lab.ops.grouped_mm.grouped_matmul`); ``auto`` means ``grouped``.
 
-Both paths compute the same function; the tests check outputs and gradients agree.
+Both compute the same function; the tests check outputs and gradients agree.
+``GroupedExperts.EXPERT_PARAMS`` declares which parameters are stacked over experts (dim 0):
+expert parallelism shards exactly those (:meth:`GroupedExperts.shard`), and
+:func:`moe_lab.model.transformer.expert_parameter_names` lists them for a whole model.
+
 Shape letters: N sorted token rows, D hidden, I intermediate, E experts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ExpertError
+from ..ops.grouped_mm import contiguous_grad, grouped_matmul
 from ..types import ActivationType, ExpertType
 
 _FFN_ACTS = {ActivationType.RELU: F.relu, ActivationType.GELU: F.gelu}
 _GLU_ACTS = {ActivationType.SWIGLU: F.silu, ActivationType.GEGLU: F.gelu}
-BACKENDS = ("auto", "grouped", "eager")
 
 
 def _activation(expert_type: ExpertType, activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -95,85 +99,6 @@ class GLUExpert(nn.Module):
         return self.down(self.act(gate) * up)
 
 
-# ---------------------------------------------------------------------------------------
-# grouped matmul
-# ---------------------------------------------------------------------------------------
-
-
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
-    """Whether ``torch.nn.functional.grouped_mm`` runs for this device, dtype and sizes.
-
-    grouped_mm needs row strides that are multiples of 16 bytes; on CUDA it needs an sm90+
-    card and bf16.
-    """
-    if not hasattr(F, "grouped_mm"):
-        return False
-    elem = torch.empty((), dtype=dtype).element_size()
-    if any((d * elem) % 16 for d in dims):
-        return False
-    if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16)
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
-    return False
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad.contiguous()
-
-
-def _padded_bmm(x_ND: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """Fallback grouped matmul: scatter rows into ``[E, max_tokens, K]``, one ``bmm``, gather back.
-
-    ``w_EKN`` is ``[E, K, N_out]`` (already transposed for ``x @ w``).
-    """
-    num_experts = w_EKN.shape[0]
-    counts = tokens_per_expert.tolist()
-    max_tokens = max(counts) if counts else 0
-    if max_tokens == 0:
-        return x_ND.new_zeros(x_ND.shape[0], w_EKN.shape[-1])
-    expert_of_row = torch.repeat_interleave(
-        torch.arange(num_experts, device=x_ND.device), tokens_per_expert.to(x_ND.device)
-    )  # [N]
-    starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
-    pos_in_expert = torch.arange(x_ND.shape[0], device=x_ND.device) - starts.to(x_ND.device)[expert_of_row]
-    buf = x_ND.new_zeros(num_experts, max_tokens, x_ND.shape[-1])
-    buf = buf.index_put((expert_of_row, pos_in_expert), x_ND)
-    out = torch.bmm(buf, w_EKN)  # [E, max_tokens, N_out]
-    return out[expert_of_row, pos_in_expert]
-
-
-def grouped_matmul(x_ND: torch.Tensor, w_EOK: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """``out[rows of e] = x[rows of e] @ w[e].T`` for every expert ``e`` in one call.
-
-    Args:
-        x_ND: [N, K] rows sorted by expert.
-        w_EOK: [E, O, K] weights (``nn.Linear`` layout per expert).
-        tokens_per_expert: [E] row counts, summing to N.
-    Returns:
-        [N, O].
-    """
-    dtype = x_ND.dtype
-    if torch.is_autocast_enabled(x_ND.device.type):
-        dtype = torch.get_autocast_dtype(x_ND.device.type)
-    x_ND = x_ND.to(dtype)
-    w_EKO = w_EOK.to(dtype).transpose(-2, -1)
-    # torch.compile's fake-tensor rule for grouped_mm accepts bf16 only (eager CPU also takes fp32)
-    compiling = torch.compiler.is_compiling() and dtype != torch.bfloat16
-    if not compiling and grouped_mm_supported(x_ND.device, dtype, w_EOK.shape[-1], w_EOK.shape[-2]):
-        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        return F.grouped_mm(x_ND.contiguous(), w_EKO, offs=offs)
-    return _padded_bmm(x_ND, w_EKO, tokens_per_expert)
-
-
 class GroupedExperts(nn.Module):
     """All experts of one MoE layer with stacked weights.
 
@@ -183,10 +108,14 @@ class GroupedExperts(nn.Module):
         expert_type: "glu" or "ffn".
         activation: see :class:`~moe_lab.types.ActivationType`.
         dropout: dropout on the intermediate activations (FFN experts only).
-        backend: "grouped" (fast), "eager" (reference loop) or "auto" (= grouped).
+        backend: a name in :data:`EXPERT_BACKENDS` ("grouped", the fast path; "eager", the
+            reference loop) or "auto" (= grouped).
 
     ``forward(x_ND, tokens_per_expert_E)`` takes rows sorted by expert and returns [N, D].
     """
+
+    #: parameters stacked over experts along dim 0 (what expert parallelism shards)
+    EXPERT_PARAMS = ("w_in", "w_out")
 
     def __init__(
         self,
@@ -208,8 +137,7 @@ class GroupedExperts(nn.Module):
             raise ExpertError(f"unknown expert_type {expert_type!r}; expected 'glu' or 'ffn'") from None
         self.act = _activation(self.expert_type, activation)
         self.activation = ActivationType(activation).value
-        if backend not in BACKENDS:
-            raise ExpertError(f"unknown expert backend {backend!r}; expected one of {list(BACKENDS)}")
+        _resolve_backend(backend)
         self.backend = backend
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -231,26 +159,38 @@ class GroupedExperts(nn.Module):
         return self.dropout(self.act(h))
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        backend = backend or self.backend
-        if backend == "eager":
-            return self.forward_eager(x_ND, tokens_per_expert)
-        return self.forward_grouped(x_ND, tokens_per_expert)
+        return EXPERT_BACKENDS[_resolve_backend(backend or self.backend)](self, x_ND, tokens_per_expert)
 
     def forward_eager(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Reference: loop over experts."""
+        w_in_EID, w_out_EDI = self.w_in, self.w_out
         outs = []
-        for e, x_e in enumerate(torch.split(x_ND, tokens_per_expert.tolist(), dim=0)):
-            h = self._hidden(F.linear(x_e, self.w_in[e]))  # [n_e, I]
-            outs.append(F.linear(h, self.w_out[e]))  # [n_e, D]
+        for e, x_nD in enumerate(torch.split(x_ND, tokens_per_expert.tolist(), dim=0)):
+            h_nI = self._hidden(F.linear(x_nD, w_in_EID[e]))
+            outs.append(F.linear(h_nI, w_out_EDI[e]))  # [n_e, D]
         if not outs:
             return x_ND.new_zeros(0, self.hidden_size)
         return torch.cat(outs, dim=0)
 
     def forward_grouped(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Fast path: one grouped matmul per projection."""
-        h = grouped_matmul(x_ND, self.w_in, tokens_per_expert)  # [N, I_in]
-        h = self._hidden(_ContiguousGrad.apply(h))  # [N, I]
-        return _ContiguousGrad.apply(grouped_matmul(h, self.w_out, tokens_per_expert))  # [N, D]
+        w_in_EID, w_out_EDI = self.w_in, self.w_out  # I here is I_in (2I for GLU) for w_in
+        h_NI = self._hidden(contiguous_grad(grouped_matmul(x_ND, w_in_EID, tokens_per_expert)))
+        return contiguous_grad(grouped_matmul(h_NI, w_out_EDI, tokens_per_expert))  # [N, D]
+
+    # ---- expert parallelism ------------------------------------------------------------
+    def shard(self, rank: int, size: int) -> int:
+        """Keep experts ``[rank * E/size, (rank + 1) * E/size)`` only (each of
+        :attr:`EXPERT_PARAMS` becomes a new parameter holding those rows). Returns the first
+        global expert id kept."""
+        if size < 1 or self.num_experts % size or not 0 <= rank < size:
+            raise ExpertError(f"cannot shard {self.num_experts} experts as rank {rank} of {size}")
+        local = self.num_experts // size
+        rows = slice(rank * local, (rank + 1) * local)
+        for name in self.EXPERT_PARAMS:
+            setattr(self, name, nn.Parameter(getattr(self, name).data[rows].clone()))
+        self.num_experts = local
+        return rank * local
 
     # ---- single experts ---------------------------------------------------------------
     def expert(self, idx: int) -> nn.Module:
@@ -295,3 +235,20 @@ class GroupedExperts(nn.Module):
 def out_proj_std(std: float, num_layers: int) -> float:
     """GPT-2 style scaled init for projections that write into the residual stream."""
     return std / math.sqrt(2 * num_layers)
+
+
+#: expert computation backends by name, all called as ``fn(experts, x_ND, tokens_per_expert_E)``
+EXPERT_BACKENDS: Dict[str, Callable[[GroupedExperts, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "eager": GroupedExperts.forward_eager,
+    "grouped": GroupedExperts.forward_grouped,
+}
+#: backend names a config may give ("auto" resolves to "grouped")
+BACKENDS = ("auto", *EXPERT_BACKENDS)
+
+
+def _resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "grouped"
+    if name not in EXPERT_BACKENDS:
+        raise ExpertError(f"unknown expert backend {name!r}; expected one of {list(BACKENDS)}")
+    return name

@@ -5,8 +5,9 @@
 
 Each piece is its own object and can be tested alone. Padded tokens (``token_mask`` False)
 are not routed, not counted and get a zero output (the residual stream carries them).
-Expert parallelism swaps the dispatcher and shards the experts; see
-:mod:`moe_lab.parallel.expert_parallel`.
+Expert parallelism uses two seams the layer owns: :meth:`MoELayer.shard` keeps this rank's
+experts and installs the all-to-all dispatcher (:meth:`MoELayer.use_dispatcher` installs any
+dispatcher); see :mod:`moe_lab.parallel.expert_parallel`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .dispatch import LocalDispatcher
+import torch.distributed as dist
+
+from .dispatch import AllToAllDispatcher, LocalDispatcher
 from .experts import GroupedExperts, out_proj_std
 from .routers import build_router
 
@@ -44,6 +47,15 @@ class MoELayer(nn.Module):
         self.dispatcher: Any = LocalDispatcher(config.num_experts)
         #: first global expert id held by this rank (0 without expert parallelism)
         self.expert_offset = 0
+
+    def use_dispatcher(self, dispatcher: Any) -> None:
+        """Route through ``dispatcher`` (it must hold no parameters; see moe_lab.model.dispatch)."""
+        self.dispatcher = dispatcher
+
+    def shard(self, group: Any) -> None:
+        """Expert parallelism over ``group``: keep this rank's E/size experts, dispatch by all-to-all."""
+        self.expert_offset = self.experts.shard(dist.get_rank(group), dist.get_world_size(group))
+        self.use_dispatcher(AllToAllDispatcher(self.num_experts, group))
 
     def forward(
         self, x_BSD: torch.Tensor, token_mask: Optional[torch.Tensor] = None

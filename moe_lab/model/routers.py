@@ -30,10 +30,13 @@ Losses (padding is excluded from both):
   expert ``i``. It is 1 for perfectly uniform routing.
 - z-loss (ST-MoE): ``mean_t logsumexp(logits_t)^2``.
 
-When a data-parallel group is set (``router.aux_group``), the token count and the selection
-counts are summed over that group, and each rank returns its share of the global loss: the
-sum over ranks equals the loss of the whole global batch. Without a group the loss is the
-plain per-batch value.
+Routers return local statistics and never communicate. ``info`` also carries the sufficient
+statistics of both losses: ``selection_counts`` [E] (no gradient), ``prob_sums`` [E] and
+``z_sum`` (in the graph) and ``num_tokens`` (real tokens). The losses in ``info`` are the
+plain values of this call; under data parallelism the trainer sums the counts and token
+numbers over the ranks and recomputes each rank's share of the global loss from these
+statistics (:func:`balancing_losses`, called by :mod:`moe_lab.training.losses`), outside the
+model's forward.
 
 Shape letters: T tokens, D hidden, E experts, K slots per token.
 """
@@ -44,7 +47,6 @@ import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -86,6 +88,23 @@ def router_z_loss(
     return z_T.sum() / num_tokens.clamp(min=1).to(z_T.dtype)
 
 
+def balancing_losses(
+    prob_sums_LE: torch.Tensor, selection_counts_LE: torch.Tensor, z_sums_L: torch.Tensor, num_tokens: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Load-balancing and z-loss per layer from their sufficient statistics: ``(lb_L, z_L)``.
+
+    ``lb = E * sum_i f_i * prob_sums_i / num_tokens`` with ``f`` the selection counts as
+    fractions, and ``z = z_sums / num_tokens``. With the counts and ``num_tokens`` summed over
+    data-parallel ranks and the ``prob_sums``/``z_sums`` of this rank, each rank gets its share
+    of the global loss (the shares sum to the loss of the whole global batch).
+    """
+    counts = selection_counts_LE.to(prob_sums_LE.dtype)
+    f_LE = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+    n = num_tokens.to(prob_sums_LE.dtype).clamp(min=1)
+    lb_L = prob_sums_LE.shape[-1] * (f_LE * prob_sums_LE).sum(dim=-1) / n
+    return lb_L, z_sums_L / n
+
+
 def count_assignments(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Number of non-empty slots per expert: int64 [E] (slots holding -1 are skipped).
 
@@ -96,15 +115,6 @@ def count_assignments(expert_indices: torch.Tensor, num_experts: int) -> torch.T
     flat = torch.where(flat >= 0, flat, num_experts)
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
     return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
-
-
-def _all_reduce_sum(t: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
-    """Sum a (non-differentiable) statistic over ``group``; identity without a group."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
 
 
 def capacity_positions(expert_indices_KT: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -150,8 +160,6 @@ class Router(nn.Module):
         self.top_k = top_k
         self.jitter_noise = float(jitter_noise)
         self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias)
-        #: data-parallel group over which the aux-loss statistics are summed (set by parallelism code)
-        self.aux_group: Optional[Any] = None
 
     def compute_logits(self, x_TD: torch.Tensor, training: bool) -> torch.Tensor:
         """fp32 router logits [T, E]; multiplicative jitter on the input when training."""
@@ -193,15 +201,23 @@ class Router(nn.Module):
         num_real_local: torch.Tensor,
         dropped_fraction: torch.Tensor,
     ) -> RouterInfo:
-        num_real_global = _all_reduce_sum(num_real_local, self.aux_group)
-        counts_global = _all_reduce_sum(selection_counts_E, self.aux_group)
-        expert_counts_E = count_assignments(expert_indices_TK, self.num_experts)
+        real_TE = probs_TE if token_mask_T is None else probs_TE * token_mask_T.unsqueeze(-1).to(probs_TE.dtype)
+        z_T = torch.logsumexp(logits_TE, dim=-1).square()
+        if token_mask_T is not None:
+            z_T = z_T * token_mask_T.to(z_T.dtype)
+        prob_sums_E, z_sum = real_TE.sum(dim=0), z_T.sum()
+        counts_E = selection_counts_E.detach()
+        lb, z = balancing_losses(prob_sums_E.unsqueeze(0), counts_E.unsqueeze(0), z_sum.view(1), num_real_local)
         return {
             "router_logits": logits_TE,
             "router_probs": probs_TE,
-            "load_balancing_loss": load_balancing_loss(probs_TE, counts_global, num_real_global, token_mask_T),
-            "router_z_loss": router_z_loss(logits_TE, num_real_global, token_mask_T),
-            "expert_counts": expert_counts_E,
+            "load_balancing_loss": lb[0],
+            "router_z_loss": z[0],
+            "selection_counts": counts_E,
+            "prob_sums": prob_sums_E,
+            "z_sum": z_sum,
+            "num_tokens": num_real_local.detach(),
+            "expert_counts": count_assignments(expert_indices_TK, self.num_experts),
             "dropped_fraction": dropped_fraction,
         }
 

@@ -22,14 +22,28 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
 from ..errors import ConfigError, DistributedError, ExpertError, InputError
 from ..types import ExpertType, RoutingInfo
-from .experts import _activation, out_proj_std
+from .experts import GroupedExperts, _activation, out_proj_std
 from .moe_layer import MoELayer
+
+
+def expert_parameter_names(config: MoEConfig) -> List[str]:
+    """The parameters of a model with this config that are stacked over experts (dim 0 = the
+    expert). Declared once: expert parallelism shards them, gradient sync reduces them over
+    the expert-data-parallel group, checkpoint gathering concatenates them, and the expert
+    cache loads them on demand."""
+    return [f"{prefix}{p}" for prefix in expert_module_prefixes(config) for p in GroupedExperts.EXPERT_PARAMS]
+
+
+def expert_module_prefixes(config: MoEConfig) -> List[str]:
+    """``layers.<i>.mlp.experts.`` for every MoE layer: where the stacked experts live."""
+    return [f"layers.{i}.mlp.experts." for i in config.moe_layer_indices]
 
 
 class RotaryEmbedding(nn.Module):
@@ -268,13 +282,14 @@ class MoEModel(nn.Module):
         (global counts, also when the experts are sharded)."""
         total = 0
         seen = set()
+        prefixes = tuple(expert_module_prefixes(self.config))  # the expert cache nests its slots below
         for name, p in self.named_parameters():
             if id(p) in seen:
                 continue
             seen.add(id(p))
             if exclude_embeddings and ("embed_tokens" in name or "lm_head" in name):
                 continue
-            if ".experts." in name:
+            if name.startswith(prefixes):
                 per_expert = p[0].numel()
                 n = self.config.experts_per_token if active_only else self.config.num_experts
                 total += per_expert * n
@@ -306,14 +321,28 @@ class MoEModel(nn.Module):
         Raises DistributedError if the argument is not a process group, torch.distributed is
         not initialised, or the group size does not divide ``num_experts``.
         """
-        from ..parallel.expert_parallel import apply_expert_parallel_group
-
         if group is None:
             if self.expert_parallel_group is not None:
                 raise DistributedError("the experts are already sharded; cannot unset the expert-parallel group")
             return
-        apply_expert_parallel_group(self, group)
+        if not dist.is_available() or not dist.is_initialized():
+            raise DistributedError("torch.distributed is not initialised; call init_process_group first")
+        if not isinstance(group, dist.ProcessGroup):
+            raise DistributedError(f"expected a torch.distributed ProcessGroup, got {type(group).__name__}")
+        if self.expert_parallel_group is not None:
+            raise DistributedError("the experts are already sharded over an expert-parallel group")
+        size = dist.get_world_size(group)
+        if self.config.num_experts % size:
+            raise DistributedError(
+                f"num_experts ({self.config.num_experts}) must be divisible by the expert-parallel group size ({size})"
+            )
+        for moe in self.moe_layers:
+            moe.shard(group)
         self.expert_parallel_group = group
+
+    def expert_parameter_names(self) -> List[str]:
+        """Names of the parameters stacked over experts (what expert parallelism shards)."""
+        return expert_parameter_names(self.config)
 
     # ---- forward --------------------------------------------------------------------
     def _validate_inputs(
@@ -407,6 +436,10 @@ class MoEModel(nn.Module):
                 aux_loss=zero,
                 load_balancing_loss=zero.new_zeros(0),
                 router_z_loss=zero.new_zeros(0),
+                selection_counts=torch.zeros(0, cfg.num_experts, dtype=torch.long, device=device),
+                prob_sums=zero.new_zeros(0, cfg.num_experts),
+                z_sums=zero.new_zeros(0),
+                num_tokens=torch.tensor(float(num_tokens if token_mask is None else token_mask.sum()), device=device),
                 expert_counts=torch.zeros(0, cfg.num_experts, dtype=torch.long, device=device),
                 dropped_fraction=zero.new_zeros(0),
                 router_probs=[],
@@ -422,6 +455,10 @@ class MoEModel(nn.Module):
             aux_loss=aux,
             load_balancing_loss=lb,
             router_z_loss=z,
+            selection_counts=torch.stack([i["selection_counts"] for i in infos]),
+            prob_sums=torch.stack([i["prob_sums"] for i in infos]),
+            z_sums=torch.stack([i["z_sum"] for i in infos]),
+            num_tokens=infos[0]["num_tokens"],
             expert_counts=torch.stack([i["expert_counts"] for i in infos]),
             dropped_fraction=torch.stack([torch.as_tensor(i["dropped_fraction"], device=device).float() for i in infos]),
             router_probs=[i["router_probs"].detach() for i in infos],

@@ -6,6 +6,16 @@
 
 Local clusters declare at least 4 logical CPUs so that Ray Train workers at fractional CPUs
 and Ray Data tasks can run side by side on a 2-core laptop without starving each other.
+
+Loopback: an embedded cluster advertises 127.0.0.1 as its node address, its dashboard and
+Jobs API listen on 127.0.0.1, and Ray's metrics export (Prometheus ``/metrics`` served
+without authentication by the dashboard agent on every interface) is off
+(``RAY_enable_metrics_collection=0``; set it to 1 to turn it back on). What Ray 2.60 still
+binds on every interface: the gRPC servers of the GCS, the raylet, the dashboard agent and
+each worker, and the runtime-env agent on the machine's address. They speak gRPC only and,
+with token authentication (``RAY_AUTH_MODE=token``, the default for local clusters), refuse
+callers without the cluster's token; ``tests/orchestration/test_cluster_sockets.py`` lists
+them and checks that none of them answers HTTP.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ def local_cpu_count() -> int:
 
 def quiet_ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")  # no unauthenticated /metrics on 0.0.0.0
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,6 +87,7 @@ def init_ray(
             object_store_memory=object_store_memory,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
             **({"dashboard_port": dashboard_port} if dashboard_port else {}),
             **kwargs,
         )

@@ -281,7 +281,7 @@ def _collate_fn_class():
 
 
 class RayDataStream:
-    """A :class:`~moe_lab.training.trainer.BatchStream` over a Ray Train dataset shard.
+    """A :class:`~moe_lab.training.batches.BatchStream` over a Ray Train dataset shard.
 
     ``pad_token_id`` fills the padding of short blocks (it is masked out of attention and
     loss, so any id works; the tokenizer's pad id keeps batches readable).

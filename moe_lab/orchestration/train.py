@@ -1,15 +1,17 @@
-"""Distributed training on Ray Train: each TorchTrainer worker hosts a shard of the experts.
+"""Distributed training on Ray Train: a driver and a worker function (Ray's own pattern).
 
     trainer = DistributedMoETrainer(model, world_size=2, expert_parallel_size=2, max_failures=1)
     result = trainer.train(train_ds, eval_ds, batch_size=16, max_steps=100, output_dir="outputs/ep2")
 
-The driver ships the model's initial weights and the data to the workers. Each worker
-(:func:`train_worker`) rebuilds the model, loads a checkpoint if Ray restarted it, shards
-the experts over the expert-parallel group (``ExpertParallelism.parallelize_experts``) and
-runs the *same* :class:`~moe_lab.training.MoETrainer` loop as a single process, with a
+The driver turns what it was given into one :class:`~moe_lab.runner.TrainTask` (model config
+and initial weights, the whole TrainingConfig, the data) and hands it to the TorchTrainer.
+Each worker (:func:`train_worker`) calls :func:`moe_lab.runner.run_task`, the same assembly
+every launcher uses: it rebuilds the model, shards the experts over the expert-parallel
+group, and runs the same :class:`~moe_lab.training.MoETrainer` loop as one process, with a
 runtime whose collectives are torch.distributed (gloo on CPU, NCCL on GPU) and whose
 checkpoint saves are reported to Ray Train. ``batch_size`` is the global batch: with the
-same seed, step ``i`` sees the same global batch on 1 worker or N.
+same seed, step ``i`` sees the same global batch on 1 worker or N. After the run the driver
+holds the final weights, optimizer and schedule.
 
 :func:`run_job_ray` is what ``moe-lab train`` runs: the job spec's ``scaling`` section
 picks the workers, and ``data.streaming`` streams batches through Ray Data.
@@ -18,6 +20,7 @@ picks the workers, and ``data.streaming`` streams batches through Ray Data.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import io
 import json
@@ -25,35 +28,33 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from ray import cloudpickle
 from torch import nn
 
 from ..errors import ConfigError, DistributedError
-from ..jobs import JobSpec
-from ..parallel.expert_parallel import ExpertParallelism, validate_parallel_sizes
-from ..parallel.runtime import DistributedRuntime
-from ..training.checkpoint import (
-    TRAINER_STATE,
-    latest_checkpoint,
-    load_model_state,
-    load_optimizer_state,
-    load_training_state,
-    optimizer_state_by_name,
-    read_json,
-)
+from ..jobs import JobSpec, record_job
+from ..parallel.expert_parallel import validate_parallel_sizes
+from ..parallel.runtime import DistributedRuntime, parallel_runtime
+from ..runner import TrainTask, job_task, run_task
+from ..checkpoint import Checkpoint, latest_checkpoint, load_optimizer_state, optimizer_state_by_name
+from ..training.loop import MoETrainer
+from ..training.results import RESULT_FILE, TrainingResult
 from ..training.runtime import Runtime
-from ..training.trainer import RESULT_FILE, MoETrainer, TrainingResult
 from .cluster import init_ray, local_cpu_count
 
 logger = logging.getLogger(__name__)
 
-#: train() options the driver forwards to the workers
-_FORWARDED_TRAIN_KWARGS = ("max_steps", "logging_steps", "save_total_limit", "eval_samples", "max_length", "seed")
+
+# ---------------------------------------------------------------------------------------
+# the user's optimizer and scheduler, rebuilt on each worker
+# ---------------------------------------------------------------------------------------
 
 
 class _ParamPickler(cloudpickle.CloudPickler):
@@ -133,6 +134,11 @@ def _count_steps_for_scheduler(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = wrapper  # type: ignore[method-assign]
 
 
+# ---------------------------------------------------------------------------------------
+# the worker
+# ---------------------------------------------------------------------------------------
+
+
 def _report(metrics: Dict[str, Any], checkpoint_dir: Optional[str], is_main: bool) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -156,51 +162,87 @@ class RayDistributedRuntime(DistributedRuntime):
         _report(metrics, checkpoint_dir, self.is_main)
 
 
+def _ray_runtime(model: nn.Module, task: TrainTask) -> Runtime:
+    import ray.train
+
+    if ray.train.get_context().get_world_size() == 1:
+        return RayRuntime()
+    return parallel_runtime(model, task.expert_parallel_size, RayDistributedRuntime)
+
+
+def watch_driver(pid: int, interval_s: float = 0.1) -> None:
+    """Exit this worker at once when the driver process ``pid`` (on this machine) is gone, so
+    that no worker outlives its driver by more than ``interval_s`` (Ray puts actors in their
+    own process groups, so a SIGKILL of the driver's group does not reach them). A checkpoint
+    being written then is never renamed into place: it stays a ``.tmp-*`` that the next run
+    removes."""
+
+    def loop() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, another user's process
+                pass
+            time.sleep(interval_s)
+
+    threading.Thread(target=loop, name="moe-lab-driver-watch", daemon=True).start()
+
+
 def train_worker(config: Dict[str, Any]) -> None:
-    """The per-worker function of the TorchTrainer."""
+    """The per-worker function of the TorchTrainer: :func:`~moe_lab.runner.run_task` with a Ray runtime."""
     import ray
     import ray.train
     import ray.train.torch
 
-    from ..model import MoEModel
-
+    if config.get("driver_pid") is not None:
+        watch_driver(config["driver_pid"])
     torch.set_num_threads(config["torch_threads"])
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs each report at INFO on the root logger
-    ctx = ray.train.get_context()
-    world = ctx.get_world_size()
+    task: TrainTask = ray.get(config["task"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    model = MoEModel.from_config(config["model_config"])
-    model.load_state_dict(ray.get(config["init_state"]))
-    resume_dir: Optional[str] = None
+    changes: Dict[str, Any] = {"training": task.training.replace(device=str(device))}
     ray_ckpt = ray.train.get_checkpoint()
     if ray_ckpt is not None:  # Ray restarted us after a failure: continue from the last report
         resume_dir = tempfile.mkdtemp(prefix="moe-lab-resume-")
         ray_ckpt.to_directory(resume_dir)
-    elif config.get("resume_from"):
-        resume_dir = config["resume_from"]
-    if resume_dir is not None:
-        load_model_state(model, resume_dir)  # full weights, before sharding
-    if world > 1:
-        ExpertParallelism.parallelize_experts(model, config["expert_parallel_size"])
-        runtime: Runtime = RayDistributedRuntime(model, ExpertParallelism.get_groups(model))
-    else:
-        runtime = RayRuntime()
-    tokenizer = ray.get(config["tokenizer"]) if config.get("tokenizer") is not None else None
-    optimizer = scheduler = None
-    if config.get("optimizer") is not None:  # the user's optimizer/scheduler, rebound to this worker's parameters
-        optimizer, scheduler = unpack_optimizer(ray.get(config["optimizer"]), model, runtime.expert_slices(model))
-    trainer = MoETrainer(model, optimizer=optimizer, scheduler=scheduler, runtime=runtime, tokenizer=tokenizer,
-                         device=str(device), **config["trainer_kwargs"])
-    if config.get("streaming"):
+        changes["resume_from"] = resume_dir
+    if config["streaming"]:
         from .data import RayDataStream
 
-        per_rank = config["train_kwargs"]["batch_size"] // world
-        train_data: Any = RayDataStream(ray.train.get_dataset_shard("train"), per_rank, seed=config["trainer_kwargs"]["seed"],
-                                        pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
-    else:
-        train_data = ray.get(config["train_data"])
-    eval_data = ray.get(config["eval_data"]) if config.get("eval_data") is not None else None
-    trainer.train(train_data, eval_data, resume_from=resume_dir, **config["train_kwargs"])
+        per_rank = task.training.batch_size // ray.train.get_context().get_world_size()
+        changes["train_data"] = RayDataStream(ray.train.get_dataset_shard("train"), per_rank, seed=task.training.seed,
+                                              pad_token_id=getattr(task.tokenizer, "pad_token_id", None) or 0)
+    task = dataclasses.replace(task, **changes)
+    packed = ray.get(config["optimizer"]) if config.get("optimizer") is not None else None
+
+    def objects(model: nn.Module, runtime: Runtime) -> Dict[str, Any]:
+        if packed is None:
+            return {}
+        optimizer, scheduler = unpack_optimizer(packed, model, runtime.expert_slices(model))
+        return {"optimizer": optimizer, "scheduler": scheduler}
+
+    run_task(task, _ray_runtime, make_objects=objects)
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayScaling:
+    """Where and how a task runs on Ray Train."""
+
+    num_workers: int
+    use_gpu: bool = False
+    resources_per_worker: Optional[Dict[str, float]] = None
+    address: Optional[str] = None  #: a Ray cluster; None: a local one
+    storage_path: Optional[str] = None  #: Ray Train storage; default output_dir/ray
+    max_failures: int = 0
+    name: Optional[str] = None
+    run_config_callbacks: List[Any] = field(default_factory=list)
 
 
 def _cpus_per_worker(num_workers: int, local: bool, requested: Optional[float]) -> float:
@@ -212,8 +254,73 @@ def _cpus_per_worker(num_workers: int, local: bool, requested: Optional[float]) 
     return max(0.25, min(1.0, (local_cpu_count() - 1) / num_workers))
 
 
+def fit_on_ray(task: TrainTask, scaling: RayScaling, optimizer: Optional[Dict[str, Any]] = None) -> Any:
+    """Run ``task`` on ``scaling.num_workers`` Ray Train workers; returns Ray's Result, whose
+    checkpoint is the final model. ``task.train_data`` may be a ``ray.data.Dataset``
+    (streamed; needs ``max_steps``). ``optimizer``: :func:`pack_optimizer`'s output."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(scaling.address)
+    local = scaling.address is None and not os.environ.get("RAY_ADDRESS")
+    datasets = {}
+    streaming = isinstance(task.train_data, ray.data.Dataset)
+    if streaming:
+        if task.training.max_steps is None:
+            raise ConfigError("streaming (Ray Data) training needs max_steps")
+        datasets["train"] = task.train_data
+        task = dataclasses.replace(task, train_data=None)
+    cpus = _cpus_per_worker(scaling.num_workers, local, (scaling.resources_per_worker or {}).get("CPU"))
+    resources = {**(scaling.resources_per_worker or {}), "CPU": cpus}
+    threads = max(1, (os.cpu_count() or 1) // scaling.num_workers) if local else max(1, int(cpus))
+    config = {
+        "driver_pid": os.getpid() if local else None,  # workers on this machine stop when the driver dies
+        "task": ray.put(task),
+        "use_gpu": scaling.use_gpu,
+        "torch_threads": threads,
+        "streaming": streaming,
+        "optimizer": ray.put(optimizer) if optimizer is not None else None,
+    }
+    out = Path(task.training.output_dir)
+    storage = Path(scaling.storage_path).expanduser().resolve() if scaling.storage_path else out / "ray"
+    run_name = scaling.name or f"moe-lab-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            callbacks=scaling.run_config_callbacks or None,
+        ),
+        datasets=datasets or None,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise DistributedError(f"distributed training failed: {result.error}") from result.error
+    if result.checkpoint is None or not (result.metrics or {}).get("final"):
+        raise DistributedError(f"distributed training ended without its final checkpoint (metrics: {result.metrics})")
+    return result
+
+
+def _final_result(result: Any, directory: Path) -> TrainingResult:
+    res = TrainingResult(**json.loads((directory / RESULT_FILE).read_text()))
+    if not (res.checkpoint_path and Path(res.checkpoint_path).is_dir()):  # rank 0 wrote it on another node
+        res.checkpoint_path = str(result.checkpoint.path)
+    return res
+
+
 class DistributedMoETrainer(MoETrainer):
-    """:class:`MoETrainer` on Ray Train workers with expert parallelism.
+    """:class:`MoETrainer`'s API, run on Ray Train workers with expert parallelism.
+
+    The driver (this object) holds the model's weights before and after training; the
+    loop runs in the workers (:func:`train_worker`). After :meth:`train`, ``evaluate`` and
+    ``save_model`` act on the final weights, optimizer and schedule.
 
     Args:
         model: the model to train (its weights are the initial weights on every worker).
@@ -244,159 +351,80 @@ class DistributedMoETrainer(MoETrainer):
         )
         self.world_size = world_size
         self.expert_parallel_size = expert_parallel_size
-        self.use_gpu = bool(kwargs.pop("use_gpu", False))
-        self.resources_per_worker = kwargs.pop("resources_per_worker", None)
-        self.address = kwargs.pop("address", None)
-        self.storage_path = kwargs.pop("storage_path", None)
-        self.max_failures = int(kwargs.pop("max_failures", 0))
-        self.run_name = kwargs.pop("name", None)
-        self.run_config_callbacks = list(kwargs.pop("run_config_callbacks", None) or [])
+        self.scaling = RayScaling(
+            num_workers=world_size,
+            use_gpu=bool(kwargs.pop("use_gpu", False)),
+            resources_per_worker=kwargs.pop("resources_per_worker", None),
+            address=kwargs.pop("address", None),
+            storage_path=kwargs.pop("storage_path", None),
+            max_failures=int(kwargs.pop("max_failures", 0)),
+            name=kwargs.pop("name", None),
+            run_config_callbacks=list(kwargs.pop("run_config_callbacks", None) or []),
+        )
         kwargs.setdefault("device", "cpu")  # the driver only holds the weights
         super().__init__(model, **kwargs)
         self.ray_result: Any = None
 
-    def _worker_trainer_kwargs(self) -> Dict[str, Any]:
-        kw = self.args.to_dict()
-        for k in ("num_epochs", "batch_size", "learning_rate", "warmup_steps", "eval_steps", "save_steps",
-                  "output_dir", "max_steps", "device"):
-            kw.pop(k, None)
-        kw.update(max_length=self.max_length, tensorboard=self.tensorboard, callbacks=self.step_callbacks)
-        return kw
-
-    def train(
-        self,
-        train_dataset: Any,
-        eval_dataset: Any = None,
-        num_epochs: int = 3,
-        batch_size: int = 16,
-        learning_rate: float = 1e-4,
-        warmup_steps: int = 1000,
-        eval_steps: int = 500,
-        save_steps: int = 1000,
-        output_dir: str = "./outputs",
-        **kwargs: Any,
-    ) -> TrainingResult:
-        """Same contract as :meth:`MoETrainer.train`; the loop runs on ``world_size`` Ray workers.
+    def fit(self, train_dataset: Any, eval_dataset: Any = None, resume_from: Optional[str] = None) -> TrainingResult:
+        """Train on the Ray workers with the settings in ``self.args`` (see :meth:`MoETrainer.train`).
 
         ``train_dataset`` may also be a ``ray.data.Dataset`` of packed blocks (streamed with
-        Ray Data; needs ``max_steps``). Extra keyword ``resume_from``: a checkpoint directory
-        or "latest" (the newest under ``output_dir``).
-        """
-        import ray
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        if batch_size % self.world_size:
-            raise DistributedError(
-                f"batch_size ({batch_size}) must be divisible by the number of data-parallel ranks ({self.world_size})"
-            )
-        unknown = sorted(set(kwargs) - set(_FORWARDED_TRAIN_KWARGS) - {"resume_from", "callbacks"})
-        if unknown:
-            raise ConfigError(f"unknown train() option(s) {unknown}")
-        self.step_callbacks += list(kwargs.pop("callbacks", None) or [])
-        if "max_length" in kwargs:
-            self.max_length = int(kwargs["max_length"])
-        out = Path(output_dir).expanduser().resolve()  # workers run in other directories
-        out.mkdir(parents=True, exist_ok=True)
-        resume = kwargs.pop("resume_from", None)
-        if resume == "latest":
-            resume = latest_checkpoint(out)
-        init_ray(self.address)
-        local = self.address is None and not os.environ.get("RAY_ADDRESS")
-
+        Ray Data; needs ``max_steps``)."""
         import ray.data
 
+        args = self.args
+        if args.batch_size % self.world_size:
+            raise DistributedError(
+                f"batch_size ({args.batch_size}) must be divisible by the number of data-parallel ranks ({self.world_size})"
+            )
+        out = Path(args.output_dir).expanduser().resolve()  # workers run in other directories
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from == "latest":
+            resume_from = latest_checkpoint(out)
         streaming = isinstance(train_dataset, ray.data.Dataset)
-        datasets = {}
-        if streaming:
-            if kwargs.get("max_steps") is None:
-                raise ConfigError("streaming (Ray Data) training needs max_steps")
-            datasets["train"] = train_dataset
-            train_ref = None
-        else:
-            train_ref = ray.put(self.as_token_dataset(train_dataset, "train_dataset"))
-        eval_ref = ray.put(self.as_token_dataset(eval_dataset, "eval_dataset")) if eval_dataset is not None else None
-        train_kwargs = dict(
-            num_epochs=num_epochs, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            eval_steps=eval_steps, save_steps=save_steps, output_dir=str(out),
-            **{k: v for k, v in kwargs.items() if k in _FORWARDED_TRAIN_KWARGS},
+        task = TrainTask(
+            model_config=self.model.config.to_dict(),
+            training=args.replace(output_dir=str(out)),
+            train_data=train_dataset if streaming else self.as_token_dataset(train_dataset, "train_dataset"),
+            eval_data=self.as_token_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None,
+            tokenizer=self.tokenizer,
+            init_state={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            resume_from=str(resume_from) if resume_from else None,
+            expert_parallel_size=self.expert_parallel_size,
+            max_length=self.max_length,
+            callbacks=list(self.callbacks),
         )
-        cpus = _cpus_per_worker(self.world_size, local, (self.resources_per_worker or {}).get("CPU"))
-        resources = {**(self.resources_per_worker or {}), "CPU": cpus}
-        threads = max(1, (os.cpu_count() or 1) // self.world_size) if local else max(1, int(cpus))
-        config = {
-            "model_config": self.model.config.to_dict(),
-            "init_state": ray.put({k: v.detach().cpu() for k, v in self.model.state_dict().items()}),
-            "expert_parallel_size": self.expert_parallel_size,
-            "use_gpu": self.use_gpu,
-            "torch_threads": threads,
-            "tokenizer": ray.put(self.tokenizer) if self.tokenizer is not None else None,
-            "optimizer": (ray.put(pack_optimizer(self.model, self.optimizer_spec, self.scheduler_spec))
-                          if self.optimizer_spec is not None or self.scheduler_spec is not None else None),
-            "trainer_kwargs": self._worker_trainer_kwargs(),
-            "train_kwargs": train_kwargs,
-            "train_data": train_ref,
-            "eval_data": eval_ref,
-            "streaming": streaming,
-            "resume_from": str(resume) if resume else None,
-        }
-        storage = Path(self.storage_path).expanduser().resolve() if self.storage_path else out / "ray"
-        run_name = self.run_name or f"moe-lab-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=self.world_size, use_gpu=self.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=self.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=3),
-                callbacks=self.run_config_callbacks or None,
-            ),
-            datasets=datasets or None,
-        )
-        result = trainer.fit()
-        self.ray_result = result
-        if result.error is not None:
-            raise DistributedError(f"distributed training failed: {result.error}") from result.error
-        if result.checkpoint is None or not (result.metrics or {}).get("final"):
-            raise DistributedError(f"distributed training ended without its final checkpoint (metrics: {result.metrics})")
+        packed = None
+        if self.optimizer_spec is not None or self.scheduler_spec is not None:
+            packed = pack_optimizer(self.model, self.optimizer_spec, self.scheduler_spec)
+        result = self.ray_result = fit_on_ray(task, self.scaling, packed)
         with result.checkpoint.as_directory() as d:  # the final model, as Ray stored it
-            res = TrainingResult(**json.loads((Path(d) / RESULT_FILE).read_text()))
-            load_model_state(self.model, d)
-            self._load_final_training_state(Path(d), learning_rate, warmup_steps)
-        if not (res.checkpoint_path and Path(res.checkpoint_path).is_dir()):  # rank 0 wrote it on another node
-            res.checkpoint_path = str(result.checkpoint.path)
+            res = _final_result(result, Path(d))
+            ckpt = Checkpoint.open(d)
+            ckpt.load_into(self.model)
+            self._load_final_training_state(ckpt, args.learning_rate, args.warmup_steps)
         self.global_step = res.global_step
         return res
 
-
-    def _load_final_training_state(self, directory: Path, learning_rate: float, warmup_steps: int) -> None:
+    def _load_final_training_state(self, ckpt: Checkpoint, learning_rate: float, warmup_steps: int) -> None:
         """Give the driver the workers' final optimizer, schedule and data position, so that
         ``save_model(path, save_optimizer=True)`` writes them (a user's optimizer instance is
         updated in place)."""
-        state = read_json(directory / TRAINER_STATE) if (directory / TRAINER_STATE).exists() else {}
-        self._build_optim(learning_rate, warmup_steps, int(state.get("total_steps") or state.get("global_step") or 1))
-        load_training_state(directory, self.model, self.optimizer, self.scheduler)
+        training = ckpt.training_state()
+        state = training.trainer_state
+        self.setup_optimizer(learning_rate, warmup_steps, int(state.get("total_steps") or state.get("global_step") or 1))
+        training.apply(self.model, self.optimizer, self.scheduler)
         self.position = (int(state.get("epoch", 0)), int(state.get("micro_batch_in_epoch", 0)))
 
 
 def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = False,
                 address: Optional[str] = None) -> Dict[str, Any]:
     """``moe-lab train``: the job on Ray Train workers (a local embedded cluster by default)."""
-    from ..pipeline import (
-        PreparedData,
-        build_model,
-        build_tokenizer,
-        finalize,
-        prepare_data,
-        train_kwargs,
-        trainer_kwargs,
-    )
+    from ..runner import PreparedData, build_tokenizer, finalize, parameter_counts, prepare_data
 
     out = Path(output_dir or spec.training.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    spec.to_yaml(out / "job.yaml")
+    record_job(spec, out)
     t0 = time.perf_counter()
     sc = spec.scaling
     # prepare the data before Ray starts here: tokenizing forks data.num_proc processes,
@@ -417,24 +445,21 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
         data = prepare_data(spec)
         train_data = data.train
         init_ray(address or sc.address, num_gpus=None)
-    model = build_model(spec, len(data.tokenizer))
-    kw = trainer_kwargs(spec)
-    trainer = DistributedMoETrainer(
-        model,
-        world_size=sc.num_workers,
-        expert_parallel_size=sc.expert_parallel_size,
+    task = dataclasses.replace(job_task(spec, data, out, resume), train_data=train_data)
+    scaling = RayScaling(
+        num_workers=sc.num_workers,
         use_gpu=sc.use_gpu,
         resources_per_worker={"CPU": sc.cpus_per_worker} if sc.cpus_per_worker else None,
         address=address or sc.address,
         storage_path=sc.storage_path,
         max_failures=sc.max_failures,
         name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tokenizer=data.tokenizer,
-        **kw,
     )
-    result = trainer.train(train_data, data.eval, resume_from="latest" if resume else None, **train_kwargs(spec, str(out)))
-    return finalize(spec, out, result.to_dict(), data, trainer.model, time.perf_counter() - t0,
-                    extra={"scaling": sc.to_dict()})
+    result = fit_on_ray(task, scaling)
+    with result.checkpoint.as_directory() as d:
+        res = _final_result(result, Path(d))
+    return finalize(spec, out, res.to_dict(), data, None, time.perf_counter() - t0,
+                    extra={"scaling": sc.to_dict()}, parameters=parameter_counts(spec, len(data.tokenizer)))
 
 
 def _streaming_eval(spec: JobSpec, tokenizer: Any, held_out: Any = None) -> Any:

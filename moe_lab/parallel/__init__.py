@@ -1,11 +1,22 @@
-"""Parallelism applied to a built model: expert parallelism and gradient sync."""
+"""Parallelism applied to a built model: ``parallelize(model, dims)``, expert parallelism, and
+the distributed runtime (gradient sync, global norms, state gathering) the trainer is handed."""
 
 from .expert_parallel import (
-    AllToAllDispatcher,
     ExpertParallelism,
+    ParallelDims,
     ParallelGroups,
-    all_to_all,
+    ParameterPlan,
+    parallelize,
     validate_parallel_sizes,
 )
+from .runtime import DistributedRuntime
 
-__all__ = ["AllToAllDispatcher", "ExpertParallelism", "ParallelGroups", "all_to_all", "validate_parallel_sizes"]
+__all__ = [
+    "DistributedRuntime",
+    "ExpertParallelism",
+    "ParallelDims",
+    "ParallelGroups",
+    "ParameterPlan",
+    "parallelize",
+    "validate_parallel_sizes",
+]

@@ -1,4 +1,4 @@
-"""Expert parallelism over torch.distributed: groups, all-to-all dispatch, gradient sync.
+"""Expert parallelism over torch.distributed: groups, sharding, gradient sync, state gathering.
 
 Pure PyTorch; it runs under torchrun, inside a Ray Train worker, or in any process where
 ``torch.distributed`` is initialised (gloo on CPU, NCCL on GPU).
@@ -9,14 +9,19 @@ Layout for world size W and expert-parallel size P (W % P == 0):
 - expert-data-parallel (EDP) groups: the ranks holding the same experts, ``{r, r+P, r+2P, ...}``.
 - every rank is also data parallel for the dense parameters (the whole world).
 
-    model = ExpertParallelism.parallelize_experts(model, expert_parallel_size=2)
-    groups = ExpertParallelism.get_groups(model)      # the ParallelGroups of this rank
+    model = parallelize(model, ParallelDims(ep=2))     # or ExpertParallelism.parallelize_experts(model, 2)
+    groups = ExpertParallelism.get_groups(model)
     loss.backward()
     ExpertParallelism.sync_gradients(model, groups)   # dense: sum over world; experts: over EDP
 
+Sharding goes through seams the model owns (``MoEModel.set_expert_parallel_group`` calls
+``MoELayer.shard``, which calls ``GroupedExperts.shard``). Which parameters are expert
+parameters is declared once, by the model (:func:`moe_lab.model.expert_parameter_names`);
+gradient sync, the gradient norm and state gathering read that :class:`ParameterPlan`.
+
 Loss convention: each rank's loss is its share of the global loss (normalised by global
-token counts), so gradients are *summed* over ranks. The routers' aux-loss statistics are
-summed over the world group for the same reason; see :mod:`moe_lab.model.routers`.
+token counts), so gradients are *summed* over ranks. The routers return local statistics;
+the trainer sums them over the ranks outside the forward (:mod:`moe_lab.training.losses`).
 
 Shape letters: T tokens, D hidden, N routed rows, E experts, P expert-parallel ranks.
 """
@@ -24,14 +29,14 @@ Shape letters: T tokens, D hidden, N routed rows, E experts, P expert-parallel r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import DistributedError
-from ..model.dispatch import DispatchMetadata, combine_rows, sort_by_expert
+from ..ops.gather_rows import gather_rows
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,29 @@ class ParallelGroups:
     @property
     def expert_data_parallel_size(self) -> int:
         return self.world_size // self.expert_parallel_size
+
+
+@dataclass(frozen=True)
+class ParameterPlan:
+    """Which parameters are stacked over experts (sharded under expert parallelism)."""
+
+    expert: FrozenSet[str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ParameterPlan":
+        names = model.expert_parameter_names() if hasattr(model, "expert_parameter_names") else []
+        return cls(frozenset(names))
+
+    def is_expert(self, name: str) -> bool:
+        return name in self.expert
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """How the world is split. ``ep``: ranks the experts are sharded over (divides the world
+    size and ``num_experts``); every rank is data parallel."""
+
+    ep: int = 1
 
 
 def validate_parallel_sizes(
@@ -85,116 +113,19 @@ def validate_parallel_sizes(
         )
 
 
-class _AllToAll(torch.autograd.Function):
-    """Autograd-aware ``all_to_all_single`` with variable splits along dim 0."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: List[int], in_splits: List[int], group: Any) -> torch.Tensor:  # type: ignore[override]
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        out = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return out, None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group: Any) -> torch.Tensor:
-    """Send ``in_splits[r]`` rows of ``x`` to rank ``r``; receive ``out_splits[r]`` rows from it."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
-
-
-@dataclass(frozen=True)
-class _A2AState:
-    in_splits: List[int]
-    out_splits: List[int]
-    local_perm: torch.Tensor  # [M] order that sorts received rows by local expert
-
-
-class AllToAllDispatcher:
-    """Expert-parallel dispatch: sort by global expert, all-to-all to the expert's rank, sort by
-    local expert; ``combine`` runs the reverse and the weighted sum. No parameters."""
-
-    def __init__(self, num_experts: int, group: Any) -> None:
-        self.group = group
-        self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
-        self.num_experts = num_experts
-        self.num_local_experts = num_experts // self.ep_size
-
-    def dispatch(
-        self,
-        x_TD: torch.Tensor,
-        expert_indices_TK: torch.Tensor,
-        combine_weights_TK: torch.Tensor,
-        all_valid: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor, DispatchMetadata]:
-        token_idx_N, weights_N, tokens_per_expert_E, order = sort_by_expert(
-            expert_indices_TK, combine_weights_TK, self.num_experts, all_valid
-        )
-        p, l = self.ep_size, self.num_local_experts
-        recv_counts = torch.empty_like(tokens_per_expert_E)  # [P * L]: rows for my experts from each rank
-        dist.all_to_all_single(recv_counts, tokens_per_expert_E.contiguous(), group=self.group)
-        counts = torch.stack([tokens_per_expert_E, recv_counts]).cpu()  # one host sync for both
-        in_splits = counts[0].view(p, l).sum(1).tolist()
-        out_splits = counts[1].view(p, l).sum(1).tolist()
-        x_recv = all_to_all(x_TD[token_idx_N], out_splits, in_splits, self.group)  # [M, D], by (src, expert)
-        recv_PL = recv_counts.view(p, l)
-        local_expert_of_row = torch.repeat_interleave(
-            torch.arange(l, device=x_TD.device).repeat(p), recv_PL.reshape(-1)
-        )  # [M]
-        local_perm = torch.argsort(local_expert_of_row, stable=True)
-        meta = DispatchMetadata(
-            token_idx_N, weights_N, tokens_per_expert_E, x_TD.shape[0], _A2AState(in_splits, out_splits, local_perm),
-            order=order if all_valid else None, weights_TK=combine_weights_TK if all_valid else None,
-        )
-        return x_recv[local_perm], recv_PL.sum(0), meta
-
-    def combine(self, y_MD: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
-        state: _A2AState = meta.extra
-        y_recv = y_MD[torch.argsort(state.local_perm)]  # back to (src, expert) order
-        y_N = all_to_all(y_recv, state.in_splits, state.out_splits, self.group)
-        return combine_rows(y_N, meta)
-
-
-def _is_process_group(group: Any) -> bool:
-    return isinstance(group, dist.ProcessGroup)
-
-
-def apply_expert_parallel_group(model: nn.Module, group: Any) -> None:
-    """Keep this rank's slice of every MoE layer's experts and install all-to-all dispatch."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise DistributedError("torch.distributed is not initialised; call init_process_group first")
-    if not _is_process_group(group):
-        raise DistributedError(f"expected a torch.distributed ProcessGroup, got {type(group).__name__}")
-    if getattr(model, "expert_parallel_group", None) is not None:
-        raise DistributedError("the experts are already sharded over an expert-parallel group")
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    num_experts = model.config.num_experts
-    if num_experts % size:
-        raise DistributedError(
-            f"num_experts ({num_experts}) must be divisible by the expert-parallel group size ({size})"
-        )
-    local = num_experts // size
-    for moe in model.moe_layers:
-        experts = moe.experts
-        sl = slice(rank * local, (rank + 1) * local)
-        experts.w_in = nn.Parameter(experts.w_in.data[sl].clone())
-        experts.w_out = nn.Parameter(experts.w_out.data[sl].clone())
-        experts.num_experts = local
-        moe.expert_offset = rank * local
-        moe.dispatcher = AllToAllDispatcher(num_experts, group)
-
-
 def _new_groups(rank_lists: List[List[int]]) -> List[Any]:
     return [dist.new_group(ranks) for ranks in rank_lists]
 
 
-def is_expert_param(name: str) -> bool:
-    return ".experts." in name
+def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """Apply ``dims`` to a built model, in place, on every rank (a collective: every rank calls
+    it, in the same order). Returns ``model``; ``ExpertParallelism.get_groups(model)`` gives
+    its :class:`ParallelGroups`."""
+    groups = ExpertParallelism.create_groups(dims.ep, model.config.num_experts)
+    if groups.ep_group is not None:
+        model.set_expert_parallel_group(groups.ep_group)
+    model.parallel_groups = groups
+    return model
 
 
 class ExpertParallelism:
@@ -219,20 +150,13 @@ class ExpertParallelism:
 
     @staticmethod
     def parallelize_experts(model: nn.Module, expert_parallel_size: int) -> nn.Module:
-        """Create the groups, shard ``model``'s experts over the EP group and point the routers'
-        aux-loss statistics at the world group. Every rank must call it, in the same order.
+        """Create the groups and shard ``model``'s experts over the EP group. Every rank must
+        call it, in the same order.
 
         Returns ``model`` itself (sharded in place); :meth:`get_groups` gives its
         :class:`ParallelGroups` for gradient sync.
         """
-        groups = ExpertParallelism.create_groups(expert_parallel_size, model.config.num_experts)
-        if groups.ep_group is not None:
-            model.set_expert_parallel_group(groups.ep_group)
-        if groups.world_size > 1:
-            for moe in model.moe_layers:
-                moe.router.aux_group = dist.group.WORLD
-        model.parallel_groups = groups
-        return model
+        return parallelize(model, ParallelDims(ep=expert_parallel_size))
 
     @staticmethod
     def get_groups(model: nn.Module) -> ParallelGroups:
@@ -247,26 +171,27 @@ class ExpertParallelism:
         """Concatenate every EP rank's ``[n_r, ...]`` rows in rank order (autograd-aware).
 
         The backward sums each rank's gradient for a slice and returns it to the rank that
-        owns the slice.
+        owns the slice (:func:`moe_lab.ops.gather_rows.gather_rows`).
         """
         if expert_parallel_group is None:
             return expert_outputs
-        if not _is_process_group(expert_parallel_group):
+        if not isinstance(expert_parallel_group, dist.ProcessGroup):
             raise DistributedError(
                 f"expected a torch.distributed ProcessGroup, got {type(expert_parallel_group).__name__}"
             )
-        return _GatherRows.apply(expert_outputs, expert_parallel_group)
+        return gather_rows(expert_outputs, expert_parallel_group)
 
     @staticmethod
     def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
         """Sum gradients: dense parameters over all ranks, expert parameters over their EDP group."""
         if groups.world_size == 1:
             return
+        plan = ParameterPlan.of(model)
         dense, expert = [], []
         for name, p in model.named_parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            (expert if is_expert_param(name) else dense).append(p.grad)
+            (expert if plan.is_expert(name) else dense).append(p.grad)
         _all_reduce_flat(dense, groups.dp_group)
         if groups.expert_parallel_size == 1:
             _all_reduce_flat(expert, groups.dp_group)
@@ -280,9 +205,10 @@ class ExpertParallelism:
         Every EP rank must call it (it is a collective); all ranks get the full dict.
         """
         group = getattr(model, "expert_parallel_group", None)
+        plan = ParameterPlan.of(model)
         out: Dict[str, torch.Tensor] = {}
         for name, t in model.state_dict().items():
-            if group is not None and is_expert_param(name):
+            if group is not None and plan.is_expert(name):
                 parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(parts, t.contiguous(), group=group)
                 t = torch.cat(parts, dim=0)
@@ -303,27 +229,3 @@ def _all_reduce_flat(grads: List[torch.Tensor], group: Optional[Any]) -> None:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
-
-
-class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        n = torch.tensor([x.shape[0]], device=x.device)
-        sizes = [torch.zeros_like(n) for _ in range(size)]
-        dist.all_gather(sizes, n, group=group)
-        counts = [int(s.item()) for s in sizes]
-        pad = max(counts)
-        buf = x.new_zeros((pad,) + tuple(x.shape[1:]))
-        buf[: x.shape[0]] = x
-        parts = [torch.empty_like(buf) for _ in range(size)]
-        dist.all_gather(parts, buf.contiguous(), group=group)
-        ctx.group, ctx.counts, ctx.rank = group, counts, rank
-        return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.counts[: ctx.rank])
-        return grad[start : start + ctx.counts[ctx.rank]], None

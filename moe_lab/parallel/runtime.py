@@ -1,7 +1,7 @@
 """A trainer runtime over torch.distributed: data + expert parallelism.
 
-    ExpertParallelism.parallelize_experts(model, expert_parallel_size)
-    trainer = MoETrainer(model, runtime=DistributedRuntime(model, ExpertParallelism.get_groups(model)), ...)
+    runtime = parallel_runtime(model, expert_parallel_size)      # parallelize + DistributedRuntime
+    trainer = MoETrainer(model, runtime=runtime, ...)
 
 Every rank is a data-parallel rank (the global batch is split over all of them); expert
 parameters are sharded over the expert-parallel group. Losses are normalised by global
@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..training.checkpoint import optimizer_state_by_name
+from ..checkpoint import optimizer_state_by_name
 from ..training.runtime import Runtime
-from .expert_parallel import ExpertParallelism, ParallelGroups, is_expert_param
+from .expert_parallel import ExpertParallelism, ParallelDims, ParallelGroups, ParameterPlan, parallelize
 
 
 class DistributedRuntime(Runtime):
@@ -31,6 +31,7 @@ class DistributedRuntime(Runtime):
         # NCCL reduces only CUDA tensors; gloo takes CPU tensors
         nccl = dist.get_backend() == "nccl"
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.plan = ParameterPlan.of(model)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         out = t.detach().to(self.comm_device, copy=True)
@@ -50,7 +51,7 @@ class DistributedRuntime(Runtime):
                 continue
             params.append(p)
             sq = p.grad.detach().double().square().sum().to(self.comm_device)
-            if is_expert_param(name) and self.groups.ep_group is not None:
+            if self.plan.is_expert(name) and self.groups.ep_group is not None:
                 expert_sq += sq
             else:
                 dense_sq += sq
@@ -79,7 +80,7 @@ class DistributedRuntime(Runtime):
         gathered: Dict[int, Dict[str, torch.Tensor]] = {}
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             st = optimizer.state.get(p)
-            if not st or not is_expert_param(name):
+            if not st or not self.plan.is_expert(name):
                 continue
             full = {}
             for key in sorted(st):
@@ -101,7 +102,14 @@ class DistributedRuntime(Runtime):
             return None
         slices = {}
         for name, p in model.named_parameters():
-            if is_expert_param(name):
+            if self.plan.is_expert(name):
                 n = p.shape[0]
                 slices[name] = slice(self.groups.ep_rank * n, (self.groups.ep_rank + 1) * n)
         return slices
+
+
+def parallel_runtime(model: nn.Module, expert_parallel_size: int, runtime_cls: type = DistributedRuntime) -> DistributedRuntime:
+    """Shard ``model`` over new process groups (``parallelize``) and return its runtime.
+    Every rank calls it, in the same order."""
+    parallelize(model, ParallelDims(ep=expert_parallel_size))
+    return runtime_cls(model, ExpertParallelism.get_groups(model))

@@ -1,7 +1,7 @@
 """How the trainer talks to its process group(s).
 
-The train step is the same everywhere; only the :class:`Runtime` differs. ``LocalRuntime``
-(the default) is one process. ``moe_lab.parallel.runtime.DistributedRuntime`` adds
+The train step is the same everywhere; only the :class:`Runtime` differs. ``Runtime``
+itself (the default) is one process. ``moe_lab.parallel.runtime.DistributedRuntime`` adds
 torch.distributed reductions, gradient sync and expert gathering, and the Ray integration
 subclasses that to report checkpoints to Ray Train. The core never imports Ray.
 """
@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import optimizer_state_by_name
+from ..checkpoint import optimizer_state_by_name
 
 
 class Runtime:
@@ -61,5 +61,3 @@ class Runtime:
     def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
         """Called on every rank after each checkpoint save (Ray Train reports here)."""
 
-
-LocalRuntime = Runtime

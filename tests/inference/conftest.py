@@ -5,7 +5,7 @@ import torch
 
 from moe_lab import MoEModel
 from moe_lab.data import ByteTokenizer
-from moe_lab.training.checkpoint import write_checkpoint
+from moe_lab.checkpoint import write_checkpoint
 
 #: skewed training-time routing counts: layer 0 favours experts 3 and 1, layer 1 experts 0 and 2
 ROUTING_COUNTS = [[10.0, 300.0, 5.0, 900.0], [800.0, 20.0, 400.0, 1.0]]

@@ -6,7 +6,7 @@ import torch
 from moe_lab import CheckpointError, ConfigError, InputError, OptimizedMoEModel
 from moe_lab.data import ByteTokenizer
 from moe_lab.inference import CachedExperts, CompletionRequest, FieldError
-from moe_lab.training.checkpoint import load_pretrained_moe
+from moe_lab.checkpoint import load_pretrained_moe
 
 
 def _argmax_reference(model, ids, steps):
@@ -203,5 +203,5 @@ def test_tied_embeddings_and_dense_layers(tmp_path, make_ckpt):
     ref = load_pretrained_moe(path, dropout=0.0).eval()
     model = OptimizedMoEModel(path, max_experts_in_memory=1)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
-    assert torch.equal(model.generate(ids, max_length=15, temperature=0), _argmax_reference(ref, ids, 10))
+    assert torch.equal(model.generate(ids, max_length=15, temperature=0).cpu(), _argmax_reference(ref, ids, 10))
     assert list(model.stats()["resident"]) == [1]  # only layer 1 is MoE

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from moe_lab import CheckpointError, MoEModel, UnsupportedConversionError, export_hf_mixtral  # noqa: E402
 from moe_lab.interop import import_hf_mixtral, mixtral_export_problems  # noqa: E402
 from moe_lab.model.experts import GroupedExperts  # noqa: E402
-from moe_lab.training.checkpoint import load_pretrained_moe, save_moe_checkpoint  # noqa: E402
+from moe_lab.checkpoint import load_pretrained_moe, save_moe_checkpoint  # noqa: E402
 
 ATOL = 1e-4
 

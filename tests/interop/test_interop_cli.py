@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from moe_lab import MoEModel
 from moe_lab.cli import app
 from moe_lab.data import ByteTokenizer
-from moe_lab.training.checkpoint import load_pretrained_moe, save_moe_checkpoint
+from moe_lab.checkpoint import load_pretrained_moe, save_moe_checkpoint
 
 runner = CliRunner()
 

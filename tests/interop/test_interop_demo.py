@@ -10,8 +10,8 @@ transformers = pytest.importorskip("transformers")
 from moe_lab.cli import app  # noqa: E402
 from moe_lab.data import ByteTokenizer  # noqa: E402
 from moe_lab.jobs import load_job  # noqa: E402
-from moe_lab.pipeline import run_job_local  # noqa: E402
-from moe_lab.training.checkpoint import load_pretrained_moe  # noqa: E402
+from moe_lab.runner import run_job_local  # noqa: E402
+from moe_lab.checkpoint import load_pretrained_moe  # noqa: E402
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from moe_lab import MoEModel, import_hf_mixtral  # noqa: E402
 from moe_lab.data import ByteTokenizer, load_tokenizer  # noqa: E402
 from moe_lab.interop import save_hf_tokenizer  # noqa: E402
 from moe_lab.training import MoETrainer  # noqa: E402
-from moe_lab.training.checkpoint import load_pretrained_moe  # noqa: E402
+from moe_lab.checkpoint import load_pretrained_moe  # noqa: E402
 
 TEXT = ["12 + 5 = 17\n3 + 4 = 7\nthe cat sat on the mat\n" * 3] * 16
 

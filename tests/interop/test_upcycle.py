@@ -8,7 +8,7 @@ from helpers import tiny_config
 
 from moe_lab import ConfigError, MoEModel, UnsupportedConversionError, upcycle
 from moe_lab.interop import load_hf_llama_dense, upcycle_checkpoint
-from moe_lab.training.checkpoint import load_pretrained_moe, save_moe_checkpoint
+from moe_lab.checkpoint import load_pretrained_moe, save_moe_checkpoint
 
 ATOL = 1e-5
 

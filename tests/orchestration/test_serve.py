@@ -23,8 +23,9 @@ from ray import serve  # noqa: E402
 from moe_lab import MoEModel, OptimizedMoEModel  # noqa: E402
 from moe_lab.data import ByteTokenizer  # noqa: E402
 from moe_lab.inference import CompletionRequest  # noqa: E402
-from moe_lab.orchestration.serve import ServeArgs, app_builder  # noqa: E402
-from moe_lab.training.checkpoint import write_checkpoint  # noqa: E402
+from moe_lab.orchestration.serve import app_builder  # noqa: E402
+from moe_lab.serving import ServeArgs  # noqa: E402
+from moe_lab.checkpoint import write_checkpoint  # noqa: E402
 
 KEY_ENV = "MOE_LAB_TEST_SERVE_KEY"
 KEY = "s3cret-test-key"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from moe_lab import MoEModel
 from moe_lab.cli import app
 from moe_lab.data import ByteTokenizer
-from moe_lab.training.checkpoint import write_checkpoint
+from moe_lab.checkpoint import write_checkpoint
 
 runner = CliRunner()
 
@@ -42,11 +42,14 @@ def ckpt(tmp_path_factory):
 @pytest.mark.parametrize(
     "args, match",
     [
-        ([], "give either a CHECKPOINT directory or --config FILE"),
-        (["CKPT", "--config", "x.yaml"], "give either a CHECKPOINT directory or --config FILE"),
+        ([], "give a CHECKPOINT directory (or a --config FILE that sets checkpoint)"),
+        (["CKPT", "--config", "x.yaml"], "serve config file not found: x.yaml"),
         (["/nonexistent/ckpt"], "is not a checkpoint directory"),
         (["CKPT", "--replicas", "0"], "--replicas: "),
-        (["CKPT", "--max-batch-size", "0"], "--max-batch-size: "),
+        (["CKPT", "--set", "max_batch_size=0"], "--set max_batch_size: "),
+        (["CKPT", "--set", "max_batch=3"], "--set max_batch: unknown key; did you mean max_batch_size?"),
+        (["CKPT", "--set", "num_replicas=2", "--replicas", "3"], "--set num_replicas: also given as --replicas"),
+        (["CKPT", "--max-batch-size", "8"], "No such option: --max-batch-size"),  # no flag per field: --set
         (["CKPT", "--api-key-env", "MOE_LAB_SURELY_UNSET_VAR"], "MOE_LAB_SURELY_UNSET_VAR is not set"),
         (["--config", "/nonexistent/serve.yaml"], "serve config file not found"),
     ],
@@ -58,13 +61,14 @@ def test_user_errors_exit_2(ckpt, args, match):
     assert match in res.output and "Traceback" not in res.output
 
 
-def test_port_in_use_and_config_without_host(ckpt, tmp_path):
+def test_port_in_use_and_config_file_errors(ckpt, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         res = runner.invoke(app, ["serve", str(ckpt), "--port", str(port)])
     assert res.exit_code == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in res.output
+    # --config takes ServeArgs fields; a Ray Serve config file is refused with a pointer to `serve run`
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump({
         "http_options": {"port": 8123},
@@ -72,7 +76,15 @@ def test_port_in_use_and_config_without_host(ckpt, tmp_path):
                           "args": {"checkpoint": str(ckpt)}}],
     }))
     res = runner.invoke(app, ["serve", "--config", str(cfg)])
-    assert res.exit_code == 2 and "set http_options.host explicitly" in res.output
+    assert res.exit_code == 2 and "is a Ray Serve config file" in res.output and "serve run" in res.output
+    # a bad key or value in the file names the file and the key
+    cfg.write_text(yaml.safe_dump({"checkpoint": str(ckpt), "max_batch": 4}))
+    res = runner.invoke(app, ["serve", "--config", str(cfg)])
+    assert res.exit_code == 2 and f"{cfg}: max_batch: unknown key; did you mean max_batch_size?" in res.output
+    cfg.write_text(yaml.safe_dump({"checkpoint": str(ckpt), "request_timeout_s": 0}))
+    res = runner.invoke(app, ["serve", "--config", str(cfg)])
+    assert res.exit_code == 2 and f"{cfg}: request_timeout_s: Input should be greater than 0" in res.output
+    assert "Traceback" not in res.output
 
 
 class _Server:
@@ -123,8 +135,8 @@ class _Server:
 
 def test_real_server_answers_then_stops_on_ctrl_c(ckpt):
     port = _free_port()
-    cmd = [sys.executable, "-m", "moe_lab", "serve", str(ckpt), "--port", str(port), "--num-cpus", "0.5",
-           "--api-key-env", "MOE_LAB_CLI_TEST_KEY", "--max-tokens-limit", "16"]
+    cmd = [sys.executable, "-m", "moe_lab", "serve", str(ckpt), "--port", str(port), "--set", "num_cpus_per_replica=0.5",
+           "--api-key-env", "MOE_LAB_CLI_TEST_KEY", "--set", "max_tokens_limit=16"]
     server = _Server(cmd)
     server.wait_ready(port)
     try:
@@ -145,12 +157,8 @@ def test_real_server_answers_then_stops_on_ctrl_c(ckpt):
 def test_real_server_from_config_file_stops_on_sigterm(ckpt, tmp_path):
     port = _free_port()
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "moe-lab", "route_prefix": "/", "import_path": "moe_lab.orchestration.serve:app_builder",
-                          "args": {"checkpoint": str(ckpt), "num_cpus_per_replica": 0.5, "model_name": "tiny"}}],
-    }))
-    server = _Server([sys.executable, "-m", "moe_lab", "serve", "--config", str(cfg)])
+    cfg.write_text(yaml.safe_dump({"checkpoint": str(ckpt), "num_cpus_per_replica": 0.5, "model_name": "tiny"}))
+    server = _Server([sys.executable, "-m", "moe_lab", "serve", "--config", str(cfg), "--port", str(port)])
     server.wait_ready(port)
     try:
         models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()

@@ -1,4 +1,9 @@
-"""jobs/serve.yaml and cluster/rayservice.yaml: they parse, validate and name the app builder."""
+"""jobs/serve.yaml and cluster/rayservice.yaml: they validate, name the app builder and stay in sync.
+
+``jobs/serve.yaml`` is a ServeArgs file (``moe-lab serve --config``) listing every field at
+its default; ``cluster/rayservice.yaml`` holds a Ray Serve config whose app ``args:`` are the
+same fields (deployment values for a GPU cluster).
+"""
 
 from pathlib import Path
 
@@ -9,59 +14,72 @@ pytest.importorskip("ray")
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from moe_lab import ConfigError  # noqa: E402
-from moe_lab.orchestration.serve import APP_IMPORT_PATH, ServeArgs, load_serve_config  # noqa: E402
+from moe_lab.orchestration.serve import APP_IMPORT_PATH  # noqa: E402
+from moe_lab.serving import ServeArgs, load_serve_args, resolve_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _app_args(config: ServeDeploySchema) -> ServeArgs:
+def _rayservice():
+    docs = [d for d in yaml.safe_load_all((ROOT / "cluster/rayservice.yaml").read_text()) if d]
+    return next(d for d in docs if d.get("kind") == "RayService")
+
+
+def _app_args(config: ServeDeploySchema) -> dict:
     apps = [a for a in config.applications if a.import_path == APP_IMPORT_PATH]
     assert len(apps) == 1, [a.import_path for a in config.applications]
-    return ServeArgs.model_validate(apps[0].args)
+    return dict(apps[0].args)
 
 
-def test_jobs_serve_yaml_binds_loopback_explicitly():
+def test_jobs_serve_yaml_lists_every_field_at_its_default():
     raw = yaml.safe_load((ROOT / "jobs/serve.yaml").read_text())
-    assert raw["http_options"]["host"] == "127.0.0.1"  # set in the file, not Serve's 0.0.0.0 default
-    args = _app_args(ServeDeploySchema.model_validate(raw))
+    assert list(raw) == list(ServeArgs.model_fields)  # every field, in the class's order
+    args = load_serve_args(ROOT / "jobs/serve.yaml")
     assert args.checkpoint == "outputs/demo/model" and args.model_name == "moe-lab"
+    assert args == ServeArgs(checkpoint="outputs/demo/model")  # the file shows the defaults
 
 
-def test_load_serve_config_resolves_and_validates(tmp_path, monkeypatch):
+def test_rayservice_args_are_the_same_fields_as_jobs_serve_yaml():
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(_rayservice()["spec"]["serveConfigV2"]))
+    app_args = _app_args(serve_cfg)
+    assert list(app_args) == list(yaml.safe_load((ROOT / "jobs/serve.yaml").read_text()))
+    ServeArgs.model_validate(app_args)
+
+
+def test_load_serve_args_resolves_and_validates(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     (ckpt / "model.safetensors").write_bytes(b"")
     raw = yaml.safe_load((ROOT / "jobs/serve.yaml").read_text())
-    raw["applications"][0]["args"]["checkpoint"] = "ckpt"  # relative to the current directory
+    raw["checkpoint"] = "ckpt"  # relative to the current directory
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    config = load_serve_config(cfg)
-    assert config.applications[0].args["checkpoint"] == str(ckpt.resolve())
+    assert resolve_checkpoint(load_serve_args(cfg)).checkpoint == str(ckpt.resolve())
 
-    del raw["http_options"]["host"]
-    cfg.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="set http_options.host explicitly"):
-        load_serve_config(cfg)
-
-    raw["http_options"]["host"] = "127.0.0.1"
-    raw["applications"][0]["args"]["max_batch_size"] = 0
+    raw["max_batch_size"] = 0
     cfg.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="max_batch_size"):
-        load_serve_config(cfg)
+        load_serve_args(cfg)
+
+    # the Ray Serve config form is not a --config file: it says where it belongs instead
+    cfg.write_text(_rayservice()["spec"]["serveConfigV2"])
+    with pytest.raises(ConfigError, match="is a Ray Serve config file"):
+        load_serve_args(cfg)
 
 
 def test_rayservice_manifest():
-    docs = [d for d in yaml.safe_load_all((ROOT / "cluster/rayservice.yaml").read_text()) if d]
-    svc = next(d for d in docs if d.get("kind") == "RayService")
+    svc = _rayservice()
     assert svc["apiVersion"] == "ray.io/v1"
     spec = svc["spec"]
     cluster = spec["rayClusterConfig"]
     assert cluster["rayVersion"] == "2.60.0"
     # the Serve config is a valid Serve config whose app is ours, with valid typed args
-    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(spec["serveConfigV2"]))
-    args = _app_args(serve_cfg)
+    raw_cfg = yaml.safe_load(spec["serveConfigV2"])
+    assert raw_cfg["http_options"].get("host")  # set on purpose (Serve config files default to 0.0.0.0)
+    serve_cfg = ServeDeploySchema.model_validate(raw_cfg)
+    args = ServeArgs.model_validate(_app_args(serve_cfg))
     assert args.num_gpus_per_replica >= 1 and args.api_key_env
     # head + workers; a GPU group asks Kubernetes for nvidia.com/gpu and tells Ray about it
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]

@@ -1,7 +1,9 @@
-"""Ray Tune sweeps (moe_lab.tuning + moe_lab.orchestration.tune) on one local Ray cluster.
+"""Ray Tune sweeps (moe_lab.orchestration.tune) on one local Ray cluster.
 
-Spec validation runs first, before the module's cluster starts: invalid search spaces fail
-without Ray. The sweeps are tiny (jobs/sweep_smoke.yaml: 1-layer model, a few steps).
+First what needs Ray but no cluster: run_sweep and the CLI reject a bad spec before Ray starts,
+the Tune search space (grid_search, sample_from, Optuna) and the stopper. Then tiny sweeps
+(jobs/sweep_smoke.yaml: 1-layer model, a few steps) on the module's cluster. What needs no Ray
+at all (the spec, trials, rows, files, plot, table) is tested in tests/tuning/.
 """
 
 import csv
@@ -22,7 +24,8 @@ from typer.testing import CliRunner
 from moe_lab.cli import app
 from moe_lab.errors import ConfigError
 from moe_lab.jobs import load_job
-from moe_lab.tuning import INERT_FIELDS, apply_sweep_overrides, load_sweep, resume_sweep, run_sweep, trial_job
+from moe_lab.orchestration.tune import resume_sweep, run_sweep
+from moe_lab.tuning import load_sweep, trial_job
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "jobs" / "sweep_smoke.yaml"
@@ -45,56 +48,31 @@ def _rows(result_dir):
 
 
 # ---------------------------------------------------------------------------------------
-# validation: no Ray
+# validation: before Ray starts
 # ---------------------------------------------------------------------------------------
 
-BAD_SPACES = [
-    ({"model.routr_type": {"choice": ["top_k"]}}, r"model\.routr_type.*unknown field 'routr_type'.*router_type"),
-    ({"modle.hidden_size": {"choice": [32]}}, r"modle\.hidden_size.*unknown section 'modle'"),
-    ({"model.router_type": {"choice": []}}, r"model\.router_type.*non-empty"),
-    ({"model.router_type": {"choise": ["top_k"]}}, r"model\.router_type.*unknown distribution 'choise'.*'choice'"),
-    ({"training.learning_rate": {"loguniform": [0.01, 0.001]}}, r"training\.learning_rate.*low \(0\.01\) must be < high"),
-    ({"training.learning_rate": {"loguniform": [0.0, 0.001]}}, r"training\.learning_rate.*loguniform needs 0 < low"),
-    ({"model.load_balancing_loss_coef": {"uniform": [0.1, 0.01]}}, r"load_balancing_loss_coef.*low \(0\.1\) must be < high"),
-    ({"model.experts_per_token": {"randint": [3, 1]}}, r"model\.experts_per_token.*randint low \(3\) > high \(1\)"),
-    ({"model.router_type": {"choice": ["top_k", "swich"]}}, r"model\.router_type.*value 'swich' is invalid"),
-    ({"training.learning_rate": {"uniform": [-1.0, 0.01]}}, r"training\.learning_rate.*value -1\.0 is invalid"),
-    ({"training.output_dir": {"choice": ["a"]}}, r"training\.output_dir.*cannot be searched"),
-    ({"model.num_experts": {"uniform": [2, 8]}}, r"model\.num_experts.*integer field; use randint"),
-    ({"model.router_type": ["top_k"]}, r"model\.router_type.*expected one distribution"),
+#: a few bad specs (every message is checked in tests/tuning/test_spec.py): run_sweep
+#: rejects them before Ray starts
+BAD_SPECS = [
+    ({"search_space": {"model.routr_type": {"choice": ["top_k"]}}}, r"model\.routr_type.*unknown field 'routr_type'"),
+    ({"search_space": {"training.learning_rate": {"loguniform": [0.01, 0.001]}}}, r"low \(0\.01\) must be < high"),
+    ({"search_space": {"model.router_type": {"choice": ["top_k", "swich"]}}}, r"value 'swich' is invalid"),
+    ({"scheduler": {"metric": "accuracy"}}, r"scheduler.metric 'accuracy' is not a reported metric"),
+    ({"base_job": "nope.yaml"}, r"base_job 'nope.yaml' not found"),
 ]
 
 
-@pytest.mark.parametrize("space,message", BAD_SPACES, ids=[m.split(".*")[0] for _, m in BAD_SPACES])
-def test_invalid_search_space_fails_before_ray_starts(tmp_path, space, message):
+@pytest.mark.parametrize("fields,message", BAD_SPECS, ids=[m.split(" ")[0] for _, m in BAD_SPECS])
+def test_invalid_spec_fails_before_ray_starts(tmp_path, fields, message):
+    data = _sweep(tmp_path, {"model.router_type": {"choice": ["top_k"]}})
+    data.update(fields)
     ray_was_up = ray.is_initialized()  # False unless an earlier test module left Ray running
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match=message):
-        run_sweep(_sweep(tmp_path, space))
+        run_sweep(data)
     assert time.perf_counter() - t0 < 10
     assert ray.is_initialized() == ray_was_up
     assert not (tmp_path / "t").exists()
-
-
-@pytest.mark.parametrize(
-    "fields,message",
-    [
-        ({"num_sample": 3}, r"num_sample: unknown field"),
-        ({"search": "bayes"}, r"search = 'bayes'"),
-        ({"base_job": "nope.yaml"}, r"base_job 'nope.yaml' not found"),
-        ({"scheduler": {"metric": "accuracy"}}, r"scheduler.metric 'accuracy' is not a reported metric"),
-        ({"scheduler": {"grace_period": 50, "max_t": 4}}, r"grace_period \(50\) must be <= max_t \(4\)"),
-        ({"search": "grid", "search_space": {"training.learning_rate": {"uniform": [0.001, 0.01]}}}, r"search 'grid' needs"),
-        ({"overrides": ["model.hiden_size=3"]}, r"model.hiden_size: unknown field"),
-    ],
-)
-def test_invalid_sweep_fields_fail_fast(tmp_path, fields, message):
-    data = _sweep(tmp_path, {"model.router_type": {"choice": ["top_k"]}})
-    data.update(fields)
-    ray_was_up = ray.is_initialized()
-    with pytest.raises(ConfigError, match=message):
-        run_sweep(data)
-    assert ray.is_initialized() == ray_was_up
 
 
 def test_optuna_search_without_optuna_names_the_extra(tmp_path, monkeypatch):
@@ -104,26 +82,6 @@ def test_optuna_search_without_optuna_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'moe-lab\[optuna\]'"):
         run_sweep(data)
     assert ray.is_initialized() == ray_was_up
-
-
-def test_loading_and_rejecting_a_sweep_never_imports_ray(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(f"base_job: {DEFAULT_JOB}\nsearch_space:\n  model.routr_type: {{choice: [top_k]}}\n")
-    code = (
-        "import sys\n"
-        "from moe_lab.errors import ConfigError\n"
-        "from moe_lab.tuning import load_sweep, run_sweep\n"
-        f"spec = load_sweep({str(ROUTERS)!r})\n"
-        "assert spec.num_trials == 9, spec.num_trials\n"
-        "try:\n"
-        f"    run_sweep({str(bad)!r})\n"
-        "except ConfigError as exc:\n"
-        "    print('rejected:', exc)\n"
-        "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "rejected:" in out.stdout and "routr_type" in out.stdout
 
 
 def test_cli_bad_spec_exits_2_naming_the_field(tmp_path):
@@ -143,42 +101,6 @@ def test_cli_bad_spec_exits_2_naming_the_field(tmp_path):
     assert ray.is_initialized() == ray_was_up
 
 
-def test_set_routes_to_sweep_job_and_search_space():
-    data = apply_sweep_overrides(
-        {"base_job": "default", "search_space": {}},
-        ["num_samples=4", "training.max_steps=10", "job.name=x", "scheduler.grace_period=5",
-         "search_space.model.experts_per_token={choice: [1, 2]}"],
-    )
-    assert data["num_samples"] == 4 and data["scheduler"] == {"grace_period": 5}
-    assert data["overrides"] == ["training.max_steps=10", "name=x"]
-    assert data["search_space"] == {"model.experts_per_token": {"choice": [1, 2]}}
-
-
-def test_default_sweep_covers_every_router_and_fits_the_budget():
-    spec = load_sweep(ROUTERS)
-    space = {d.field: d for d in spec.dimensions}
-    assert space["model.router_type"].kind == "grid"
-    assert set(space["model.router_type"].values) == {"top_k", "switch", "expert_choice"}
-    for f in ("model.load_balancing_loss_coef", "model.router_z_loss_coef", "model.capacity_factor",
-              "model.experts_per_token", "training.learning_rate"):
-        assert f in space
-    assert spec.num_trials >= 6
-    job = spec.job
-    assert job.training.max_steps <= 400 and job.model.hidden_size <= 128
-    assert spec.scheduler.type == "asha" and spec.stop_on_routing_collapse is not None
-
-
-def test_switch_trials_run_with_one_expert_and_bad_combinations_fail():
-    spec = load_sweep(SMOKE)
-    job, adjustments = trial_job(spec, {"model": {"router_type": "switch"}})
-    assert job.model.experts_per_token == 1
-    assert adjustments and "experts_per_token 2 -> 1" in adjustments[0]
-    job, adjustments = trial_job(spec, {"model.router_type": "expert_choice"})
-    assert job.model.experts_per_token == 2 and adjustments == []
-    with pytest.raises(ConfigError, match=r"model.experts_per_token=8.*experts_per_token \(8\) must be <= num_experts \(4\)"):
-        trial_job(spec, {"model.experts_per_token": 8})
-
-
 def test_routing_collapse_stopper_waits_for_warmup_and_needs_more_than_the_threshold():
     from moe_lab.orchestration.tune import RoutingCollapseStopper
 
@@ -190,10 +112,11 @@ def test_routing_collapse_stopper_waits_for_warmup_and_needs_more_than_the_thres
     assert not stop.stop_all()
 
 
-def test_param_space_and_resources_follow_the_spec():
+def test_param_space_follows_the_spec():
+    """The Tune search space (trial resources: tests/tuning/test_plan.py)."""
     from ray import tune
 
-    from moe_lab.orchestration.tune import param_space, plan_trials
+    from moe_lab.orchestration.tune import param_space
 
     spec = load_sweep(ROUTERS)
     space = param_space(spec)
@@ -214,120 +137,14 @@ def test_param_space_and_resources_follow_the_spec():
     randint = param_space(load_sweep(SMOKE, ["search_space.model.router_type={choice: [top_k]}",
                                              "search_space.model.experts_per_token={randint: [1, 2]}"]))
     assert randint["model"]["experts_per_token"].upper == 3  # bounds inclusive
-    plan = plan_trials(spec, spec.job, local=True, cluster_cpus=4)
-    assert 0 < plan.resources["CPU"] < 1 and plan.torch_threads == 1 and plan.num_workers == 1
-    assert 1 <= plan.max_concurrent_trials <= spec.num_trials
-    multi = load_sweep(SMOKE, ["scaling.num_workers=2"])
-    plan = plan_trials(multi, multi.job, local=False, cluster_cpus=16)
-    assert plan.num_workers == 2 and plan.max_concurrent_trials == 3  # 16 CPUs // (2 workers + driver), <= 3 trials
-    assert plan_trials(load_sweep(SMOKE, ["max_concurrent_trials=1"]), spec.job, True, 4).max_concurrent_trials == 1
 
 
 # ---------------------------------------------------------------------------------------
-# fields without effect (INERT_FIELDS): no Ray cluster
+# fields without effect (INERT_FIELDS) in what Tune samples: no Ray cluster
 # ---------------------------------------------------------------------------------------
 
 EC_NOTE = "load_balancing_loss_coef has no effect under expert_choice with drop_tokens=True: " \
           "its balancing loss is constant (1) with zero gradient"
-
-
-def test_expert_choice_balancing_loss_is_one_with_zero_gradient():
-    """The premise of the load_balancing_loss_coef rule, and its drop_tokens condition."""
-    import torch
-
-    from moe_lab.model.routers import ExpertChoiceRouter, TopKRouter
-
-    torch.manual_seed(0)
-    x = torch.randn(24, 16)
-    mask = torch.ones(24, dtype=torch.bool)
-    mask[-5:] = False  # padding is excluded from the loss
-    for kwargs in ({}, {"capacity_factor": 2.0, "top_k": 2, "jitter_noise": 0.2}):
-        router = ExpertChoiceRouter(hidden_size=16, num_experts=4, **kwargs)
-        _, _, info = router(x, training=True, token_mask=mask)
-        info["load_balancing_loss"].backward()
-        assert info["load_balancing_loss"].item() == pytest.approx(1.0, abs=1e-6), kwargs
-        assert router.gate.weight.grad.abs().max().item() < 1e-7, kwargs
-    # not so when unpicked tokens go to their top-1 expert over capacity, nor for token choice
-    for router in (ExpertChoiceRouter(hidden_size=16, num_experts=4, capacity_factor=0.25, drop_tokens=False),
-                   TopKRouter(hidden_size=16, num_experts=4)):
-        _, _, info = router(x, training=True, token_mask=mask)
-        info["load_balancing_loss"].backward()
-        assert router.gate.weight.grad.abs().max().item() > 1e-4, router
-
-
-#: two values of each inert field that differ wherever the field has an effect
-_ALTERNATIVES = {
-    "model.load_balancing_loss_coef": (0.0, 0.5),
-    "model.capacity_factor": (0.5, 2.0),
-    "model.normalize_router_weights": (True, False),
-    "model.expert_choice_eval_routing": ("token_choice", "expert_choice"),
-}
-
-
-def _train_and_eval(**fields):
-    """Gradients of one training step (LM loss + aux loss) and the eval logits of a tiny model."""
-    import torch
-
-    from moe_lab.config import MoEConfig
-    from moe_lab.model.transformer import MoEModel
-
-    cfg = MoEConfig(vocab_size=64, hidden_size=16, num_layers=1, num_attention_heads=2, num_experts=4,
-                    expert_hidden_size=32, max_position_embeddings=16, dropout=0.0, router_jitter_noise=0.1,
-                    moe_backend="eager", **{k.split(".", 1)[1]: v for k, v in fields.items()})
-    torch.manual_seed(0)
-    model = MoEModel(config=cfg)
-    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
-    model.train()
-    torch.manual_seed(2)  # the same jitter draws
-    logits, info = model(ids, return_routing_info=True)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)) + info["aux_loss"]
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.eval()
-    with torch.no_grad():
-        return grads, model(ids)
-
-
-def _same_training(field, values, conditions):
-    import torch
-
-    (ga, la), (gb, lb) = (_train_and_eval(**conditions, **{field: v}) for v in values)
-    return set(ga) == set(gb) and all(torch.allclose(ga[n], gb[n], atol=1e-6) for n in ga) \
-        and torch.allclose(la, lb, atol=1e-6)
-
-
-@pytest.mark.parametrize("rule", INERT_FIELDS, ids=lambda r: r.field.split(".", 1)[1])
-def test_every_inert_rule_holds_for_the_model(rule):
-    """Each rule of INERT_FIELDS against the real model: under the rule's conditions the
-    field changes no gradient and no eval output; under another router it does (so the check
-    can fail). A rule with a fixed value is one the config enforces."""
-    import itertools
-
-    from moe_lab.config import MoEConfig
-
-    if rule.runs_with is not None:  # switch: the config only accepts experts_per_token=1
-        key = rule.field.split(".", 1)[1]
-        with pytest.raises(ConfigError, match="routes each token to 1 expert"):
-            MoEConfig(router_type="switch", **{key: 2})
-        assert getattr(MoEConfig(router_type="switch", **{key: rule.runs_with}), key) == rule.runs_with
-        return
-    assert rule.field in _ALTERNATIVES, f"add two values of {rule.field} to _ALTERNATIVES"
-    names = [n for n, _ in rule.when]
-    for combo in itertools.product(*(allowed for _, allowed in rule.when)):
-        assert _same_training(rule.field, _ALTERNATIVES[rule.field], dict(zip(names, combo))), combo
-    other = next(r for r in ("top_k", "switch", "expert_choice") if r not in dict(rule.when)["model.router_type"])
-    control = {n: (other if n == "model.router_type" else allowed[0]) for n, allowed in rule.when}
-    assert not _same_training(rule.field, _ALTERNATIVES[rule.field], control), control
-
-
-def test_inert_rules_are_checked():
-    from moe_lab.tuning import InertRule, check_inert_rules
-
-    with pytest.raises(ConfigError, match=r"inert rule for 'model.router_typ'.*unknown field"):
-        check_inert_rules([InertRule("model.router_typ", (("model.drop_tokens", (True,)),), "x")])
-    with pytest.raises(ConfigError, match=r"'model.drop_tokens' is also a condition"):
-        check_inert_rules([InertRule("model.drop_tokens", (("model.router_type", ("top_k",)),), "x"),
-                           InertRule("model.capacity_factor", (("model.drop_tokens", (False,)),), "x")])
 
 
 def _tune_trial_configs(spec, storage, num_samples=None):
@@ -358,16 +175,9 @@ def _grid_over_routers_and_coef(tmp_path, **fields):
     return load_sweep(data)
 
 
-def test_grid_collapses_the_inert_coefficient_for_expert_choice(tmp_path):
-    from moe_lab.tuning import grid_points
-
+def test_tune_runs_the_collapsed_grid_once_per_point(tmp_path):
+    """What Tune runs of the collapsed grid (the grid points: tests/tuning/test_trials.py)."""
     spec = _grid_over_routers_and_coef(tmp_path, num_samples=2)
-    model = grid_points(spec)["model"]
-    ec = [v for v in model if v["model.router_type"] == "expert_choice"]
-    assert ec == [{"model.router_type": "expert_choice"}]  # one trial, no coefficient
-    assert sorted((v["model.router_type"], v["model.load_balancing_loss_coef"]) for v in model if v not in ec) == \
-        sorted((r, c) for r in ("top_k", "switch") for c in (0.001, 0.01, 0.1))
-    assert grid_points(spec)["training"] == [{"training.learning_rate": 0.001}, {"training.learning_rate": 0.003}]
     assert spec.num_trials == 2 * 7 * 2  # num_samples x (3 + 3 + 1) x 2 learning rates
     # what Tune runs: every trial once, expert_choice without a coefficient, then the base job's
     assert len(_tune_trial_configs(spec, tmp_path / "all")) == spec.num_trials  # what "interrupted" counts on
@@ -379,9 +189,6 @@ def test_grid_collapses_the_inert_coefficient_for_expert_choice(tmp_path):
     assert len(ec_configs) == 2 and all("load_balancing_loss_coef" not in c["model"] for c in ec_configs)
     for c in ec_configs:
         assert trial_job(spec, c)[0].model.load_balancing_loss_coef == spec.job.model.load_balancing_loss_coef
-    # with drop_tokens=false the balancing loss acts under expert choice too: no collapse
-    assert _grid_over_routers_and_coef(tmp_path, overrides=yaml.safe_load(SMOKE.read_text())["overrides"]
-                                       + ["model.drop_tokens=false"]).num_trials == 9 * 2
 
 
 def test_random_and_optuna_search_draw_no_inert_value(tmp_path):
@@ -421,57 +228,6 @@ def test_random_and_optuna_search_draw_no_inert_value(tmp_path):
     for p in params:
         assert ("model/load_balancing_loss_coef" in p) == (p["model/router_type"] != "expert_choice"), p
         assert ("model/experts_per_token" in p) == (p["model/router_type"] != "switch"), p
-
-
-def test_results_show_inert_fields_as_na_with_the_reason(tmp_path):
-    from types import SimpleNamespace
-
-    from rich.console import Console
-
-    from moe_lab.orchestration.tune import collect_rows, print_results_table, write_best_job, write_results_csv
-    from moe_lab.tuning import NOT_APPLICABLE, SweepResult
-
-    spec = load_sweep(ROUTERS, [f"output_dir={tmp_path}", "name=t"])
-    fields = [d.field for d in spec.dimensions]
-    common = {"router_z_loss_coef": 0.001, "capacity_factor": 1.25}
-    trials = [  # what Tune hands back: configs as param_space draws them, and the last result
-        ({"model": {"router_type": "expert_choice", "load_balancing_loss_coef": 0.01, "experts_per_token": 1,
-                    **common}}, 2.5),
-        ({"model": {"router_type": "top_k", "load_balancing_loss_coef": 0.02, "experts_per_token": 2, **common}}, 3.0),
-        ({"model": {"router_type": "switch", "load_balancing_loss_coef": 0.05, **common}}, 3.5),
-    ]
-    grid = [SimpleNamespace(config={**c, "training": {"learning_rate": 0.003}}, path=None, error=None,
-                            metrics={"trial_id": f"t{i}", "step": 300, "max_steps": 300, "eval_loss": loss})
-            for i, (c, loss) in enumerate(trials)]
-    rows = {r["model.router_type"]: r for r in collect_rows(spec, grid, {})}
-    assert rows["expert_choice"]["model.load_balancing_loss_coef"] == NOT_APPLICABLE
-    assert rows["expert_choice"]["inert"].startswith(EC_NOTE)
-    assert rows["top_k"]["model.load_balancing_loss_coef"] == 0.02 and rows["top_k"]["inert"] == ""
-    assert rows["switch"]["model.experts_per_token"] == NOT_APPLICABLE
-    assert "experts_per_token 2 -> 1" in rows["switch"]["adjustments"]
-    assert rows["switch"]["model.load_balancing_loss_coef"] == 0.05
-    with open(write_results_csv(list(rows.values()), tmp_path / "results.csv", fields), newline="") as f:
-        csv_rows = {r["model.router_type"]: r for r in csv.DictReader(f)}
-    assert csv_rows["expert_choice"]["model.load_balancing_loss_coef"] == "n/a"
-    assert csv_rows["expert_choice"]["inert"].startswith(EC_NOTE)
-    assert float(csv_rows["top_k"]["model.load_balancing_loss_coef"]) == 0.02
-    # the printed table: n/a in the expert_choice row, and the legend says why
-    ordered = sorted(rows.values(), key=lambda r: r["eval_loss"])
-    result = SweepResult(directory=tmp_path / "t", rows=ordered, best=ordered[0], metric="eval_loss", mode="min",
-                         results_csv=tmp_path / "results.csv", best_job_path=None, plot_path=None,
-                         elapsed_seconds=1.0, param_fields=fields)
-    console = Console(record=True, width=400)
-    print_results_table(result, console=console)
-    text = console.export_text()
-    ec_line = next(line for line in text.splitlines() if "expert_choice" in line and "t0" in line)
-    assert "n/a" in ec_line
-    assert "n/a: " + EC_NOTE in " ".join(text.split())
-    assert "n/a: experts_per_token has no effect under switch" in text
-    # best.yaml (the expert_choice trial): n/a and why in its header, the base coefficient in the job
-    best = write_best_job(spec, ordered[0], tmp_path / "best.yaml", ordered[0]["config"])
-    header = best.read_text().split("\nname:")[0]
-    assert "model.load_balancing_loss_coef=n/a" in header and "# n/a: " + EC_NOTE in " ".join(header.split())
-    assert load_job(best).model.load_balancing_loss_coef == spec.job.model.load_balancing_loss_coef
 
 
 # ---------------------------------------------------------------------------------------
@@ -534,7 +290,7 @@ def test_a_finished_sweep_directory_is_not_overwritten(smoke_sweep):
 def test_results_table_prints_every_trial(smoke_sweep):
     from rich.console import Console
 
-    from moe_lab.orchestration.tune import print_results_table
+    from moe_lab.tuning import print_results_table
 
     console = Console(record=True, width=250)
     print_results_table(smoke_sweep, console=console)
@@ -545,7 +301,7 @@ def test_results_table_prints_every_trial(smoke_sweep):
 
 
 def test_best_job_trains(smoke_sweep, tmp_path):
-    from moe_lab.pipeline import run_job_local
+    from moe_lab.runner import run_job_local
 
     job = load_job(smoke_sweep.best_job_path, ["training.max_steps=2", "training.progress_bar=false"])
     summary = run_job_local(job, output_dir=str(tmp_path / "best"))

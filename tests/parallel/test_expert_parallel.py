@@ -12,13 +12,26 @@ import torch.nn.functional as F
 from helpers import tiny_config
 
 from moe_lab import DistributedError, ExpertParallelism, MoEModel
-from moe_lab.parallel import AllToAllDispatcher, validate_parallel_sizes
+from moe_lab.model import AllToAllDispatcher
+from moe_lab.parallel import validate_parallel_sizes
+from moe_lab.training.losses import routing_losses
+
+
+def _all_reduce_sum(t):
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def _global_loss_share(model, ids, num_label_tokens):
+    """This rank's share of the global loss: the routers' statistics are summed over ranks
+    outside the forward (moe_lab.training.losses), as the trainer does."""
     logits, info = model(ids, return_routing_info=True)
     ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="sum")
-    return ce / num_label_tokens + info["aux_loss"], logits
+    aux, _, _ = routing_losses(info, model.config, _all_reduce_sum)
+    return ce / num_label_tokens + aux, logits
 
 
 def _worker(rank, world, init_file, ep, cfg_dict, ids, ref_grads, ref_logits, ref_shapes, errors):
@@ -39,7 +52,7 @@ def _worker(rank, world, init_file, ep, cfg_dict, ids, ref_grads, ref_logits, re
         assert {k: tuple(v.shape) for k, v in full.items()} == ref_shapes
         for name, g in grads.items():
             ref = ref_grads[name]
-            if ".experts." in name:
+            if name in model.expert_parameter_names():
                 local_e = g.shape[0]
                 start = (rank % ep) * local_e if ep > 1 else 0
                 ref = ref[start : start + local_e]

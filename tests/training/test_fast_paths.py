@@ -100,7 +100,7 @@ def test_apply_fast_paths_on_cpu_returns_the_eager_loss_and_compiles_nothing():
 def test_trainer_on_cpu_uses_the_eager_loss():
     model = MoEModel.from_config(tiny_config())
     trainer = MoETrainer(model, device="cpu", fast_paths=True, progress_bar=False, tensorboard=False)
-    assert trainer.loss_sum_fn is lm_loss_sum
+    assert trainer.settings.loss_sum_fn is lm_loss_sum
     assert all(layer._compiled_call_impl is None for layer in trainer.model.layers)
 
 

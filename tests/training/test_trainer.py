@@ -146,7 +146,7 @@ def test_accepts_hf_dataset_and_raw_text(tmp_path):
 def test_bf16_mixed_precision_on_cpu(tmp_path):
     model = _model()
     trainer = _trainer(model, mixed_precision=True)
-    assert trainer.amp_dtype == torch.bfloat16
+    assert trainer.settings.amp_dtype == torch.bfloat16
     res = _train(trainer, _rows(16), tmp_path, max_steps=2)
     assert all(math.isfinite(x) for x in res.history["loss"])
 
@@ -154,7 +154,7 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
 def test_default_optimizer_decay_groups():
     model = _model()
     trainer = _trainer(model)
-    trainer._build_optim(1e-3, 1, 10)
+    trainer.setup_optimizer(1e-3, 1, 10)
     decay, no_decay = trainer.optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
@@ -223,12 +223,12 @@ def test_optimizer_as_class_or_factory_and_scheduler_factory(tmp_path):
 
     model = _model()
     t = _trainer(model, optimizer=torch.optim.SGD)
-    t._build_optim(0.5, 1, 10)
+    t.setup_optimizer(0.5, 1, 10)
     assert type(t.optimizer) is torch.optim.SGD and t.optimizer.param_groups[0]["initial_lr"] == 0.5
     assert len(t.optimizer.param_groups) == 2  # decay / no-decay
     t = _trainer(model, optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
                  scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.5))
-    t._build_optim(0.5, 1, 10)
+    t.setup_optimizer(0.5, 1, 10)
     assert t.optimizer.defaults["momentum"] == 0.9 and t.optimizer.param_groups[0]["lr"] == 0.1
     assert isinstance(t.scheduler, torch.optim.lr_scheduler.StepLR) and t.scheduler.step_size == 3
     with pytest.raises(ConfigError, match="optimizer must be"):

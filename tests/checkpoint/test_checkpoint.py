@@ -15,9 +15,10 @@ from torch import nn
 from moe_lab import CheckpointError, MoEModel
 from moe_lab.data import ByteTokenizer
 from moe_lab.training import latest_checkpoint, load_pretrained_moe, save_moe_checkpoint
-from moe_lab.training import checkpoint as ckpt_mod
-from moe_lab.training.checkpoint import load_training_state
-from moe_lab.training.trainer import default_optimizer
+from moe_lab.checkpoint import writer as writer_mod  # where save_file is called (patched below)
+from moe_lab.checkpoint import files as ckpt_mod
+from moe_lab.checkpoint import load_training_state
+from moe_lab.training.optim import default_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -241,7 +242,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def exploding_save(*a, **k):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", exploding_save)
+    monkeypatch.setattr(writer_mod, "save_file", exploding_save)
     with pytest.raises(OSError, match="disk full"):
         save_moe_checkpoint(m, None, None, ckpts / "step-000002")
     assert not (ckpts / "step-000002").exists()
@@ -277,7 +278,7 @@ def test_overwrite_failing_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypa
     old = _model()
     save_moe_checkpoint(old, None, None, path)
     before = {p.name: p.read_bytes() for p in path.iterdir()}
-    real_save_file = ckpt_mod.save_file
+    real_save_file = writer_mod.save_file
 
     def half_written_then_fail(tensors, filename, metadata=None):
         real_save_file(tensors, filename, metadata=metadata)
@@ -285,7 +286,7 @@ def test_overwrite_failing_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypa
             f.truncate(os.path.getsize(filename) // 2)
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", half_written_then_fail)
+    monkeypatch.setattr(writer_mod, "save_file", half_written_then_fail)
     new = _model(seed=1)
     assert _weights_differ(new, old)
     with pytest.raises(OSError, match="disk full"):
@@ -304,7 +305,8 @@ import torch
 from helpers import tiny_config
 from safetensors.torch import save
 from moe_lab import MoEModel
-from moe_lab.training import checkpoint as ckpt_mod, save_moe_checkpoint
+from moe_lab.checkpoint import writer as writer_mod
+from moe_lab.training import save_moe_checkpoint
 
 def half_written_then_killed(tensors, filename, metadata=None):
     data = save(tensors, metadata=metadata)
@@ -314,7 +316,7 @@ def half_written_then_killed(tensors, filename, metadata=None):
         os.fsync(f.fileno())
     os.kill(os.getpid(), signal.SIGKILL)
 
-ckpt_mod.save_file = half_written_then_killed
+writer_mod.save_file = half_written_then_killed
 torch.manual_seed(1)
 save_moe_checkpoint(MoEModel.from_config(tiny_config()).eval(), None, None, sys.argv[1])
 print("the writer was not killed")

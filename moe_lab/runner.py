@@ -1,8 +1,13 @@
-"""A job, end to end, without Ray: data -> tokenizer -> model -> MoETrainer -> outputs.
+"""One job runner for every launcher: data -> tokenizer -> model -> MoETrainer -> outputs.
 
-These plain functions are what every launcher calls. ``moe-lab train`` runs them inside Ray
-Train workers (:mod:`moe_lab.orchestration.train`); tests and notebooks can call
-:func:`run_job_local` directly.
+    summary = run_job(load_job("jobs/default.yaml"))             # in this process
+    result = run_task(task, make_runtime)                        # what every launcher calls
+
+A job (a validated :class:`~moe_lab.jobs.JobSpec`) becomes a :class:`TrainTask` (model
+config, the training section as one TrainingConfig, prepared data); :func:`run_task` builds
+the model, lets the launcher's runtime shard it, builds the trainer and fits. The local path
+(:func:`run_job`), the Ray Train worker function (:mod:`moe_lab.orchestration.train`),
+``torchrun`` (:mod:`moe_lab.launch`) and Tune trials all call it. No Ray here.
 
 Outputs in the job's output directory:
 - ``model/`` (final checkpoint) and ``checkpoints/step-N/``;
@@ -17,15 +22,18 @@ import logging
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .jobs import JobSpec
-from .training.checkpoint import write_json_atomic
+from .config import TrainingConfig
+from .jobs import JobSpec, record_job
+from .checkpoint import write_json_atomic
+from .training.results import TrainingResult
+from .training.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -104,58 +112,115 @@ def build_model(spec: JobSpec, vocab_size: int) -> torch.nn.Module:
     return MoEModel.from_config(spec.model.to_config(vocab_size))
 
 
-def trainer_kwargs(spec: JobSpec) -> Dict[str, Any]:
-    """MoETrainer constructor options from the job's training section."""
-    t = spec.training
-    return dict(
-        mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        device=t.device,
-        logging_steps=t.logging_steps,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        min_lr_ratio=t.min_lr_ratio,
-        save_total_limit=t.save_total_limit,
-        progress_bar=t.progress_bar,
-        eval_samples=t.eval_samples,
-        fast_paths=t.fast_paths,
+@dataclass
+class TrainTask:
+    """Everything one training process needs, whatever launched it (picklable).
+
+    The model is rebuilt from ``model_config`` (+ ``init_state``, full unsharded weights) in
+    the process that trains it, then sharded by its runtime. ``training`` holds every training
+    setting; there is no other channel for them.
+    """
+
+    model_config: Dict[str, Any]
+    training: TrainingConfig
+    train_data: Any  #: token rows, a BatchStream, or None (the launcher supplies a stream)
+    eval_data: Any = None
+    tokenizer: Any = None
+    init_state: Optional[Dict[str, torch.Tensor]] = None  #: None: a fresh init seeded by training.seed
+    resume_from: Optional[str] = None  #: a checkpoint directory or "latest"
+    expert_parallel_size: int = 1
+    max_length: int = 512  #: block length for raw text
+    callbacks: List[Any] = field(default_factory=list)
+
+
+RuntimeFactory = Callable[[torch.nn.Module, TrainTask], Runtime]
+
+
+def build_task_model(task: TrainTask) -> torch.nn.Module:
+    """The task's model with its initial weights; resume weights load later (in the trainer),
+    or here when the runtime will shard the experts (checkpoints hold full tensors)."""
+    from .checkpoint import Checkpoint, latest_checkpoint
+    from .model import MoEModel
+
+    torch.manual_seed(task.training.seed)
+    model = MoEModel.from_config(task.model_config)
+    if task.init_state is not None:
+        model.load_state_dict(task.init_state)
+    resume = task.resume_from
+    if resume == "latest":
+        resume = latest_checkpoint(Path(task.training.output_dir).expanduser().resolve())
+    if resume is not None and task.expert_parallel_size > 1:
+        Checkpoint.open(resume).load_into(model)  # full weights, before sharding
+    return model
+
+
+def run_task(
+    task: TrainTask,
+    make_runtime: Optional[RuntimeFactory] = None,
+    make_objects: Optional[Callable[[torch.nn.Module, Runtime], Dict[str, Any]]] = None,
+    **objects: Any,
+) -> TrainingResult:
+    """Train ``task`` in this process: build the model, hand it to ``make_runtime`` (which may
+    shard it; default: one process), build the trainer from ``task.training`` and fit.
+
+    The one place where a trainer is assembled, for the in-process path, Ray Train workers,
+    torchrun and Tune trials alike. ``objects`` (optimizer/scheduler specs, monitor, sinks) go
+    to the trainer; ``make_objects(model, runtime)`` builds more of them once the model is
+    sharded (an optimizer must see the parameters this rank holds).
+    """
+    from .training import MoETrainer
+
+    model = build_task_model(task)
+    runtime = make_runtime(model, task) if make_runtime is not None else Runtime()
+    if make_objects is not None:
+        objects.update(make_objects(model, runtime))
+    trainer = MoETrainer.from_config(model, task.training, runtime=runtime, tokenizer=task.tokenizer,
+                                     max_length=task.max_length, callbacks=list(task.callbacks), **objects)
+    return trainer.fit(task.train_data, task.eval_data, resume_from=task.resume_from)
+
+
+def job_task(spec: JobSpec, data: PreparedData, output_dir: Path, resume: bool = False, **overrides: Any) -> TrainTask:
+    """The TrainTask of a job: its model config, training section and prepared data."""
+    return TrainTask(
+        model_config=spec.model.to_config(len(data.tokenizer)).to_dict(),
+        training=spec.training.replace(output_dir=str(output_dir)),
+        train_data=data.train,
+        eval_data=data.eval,
+        tokenizer=data.tokenizer,
+        resume_from="latest" if resume else None,
+        expert_parallel_size=spec.scaling.expert_parallel_size,
+        max_length=spec.data.max_length,
+        **overrides,
     )
 
 
-def train_kwargs(spec: JobSpec, output_dir: str) -> Dict[str, Any]:
-    """MoETrainer.train options from the job's training section."""
-    t = spec.training
-    kw: Dict[str, Any] = dict(
-        num_epochs=t.num_epochs,
-        batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_steps,
-        eval_steps=t.eval_steps,
-        save_steps=t.save_steps,
-        output_dir=output_dir,
-    )
-    if t.max_steps is not None:
-        kw["max_steps"] = t.max_steps
-    return kw
+def run_job(spec: JobSpec, runtime: Optional[Runtime] = None, output_dir: Optional[str] = None,
+            resume: bool = False) -> Dict[str, Any]:
+    """Train the job in this process (or on the ranks of ``runtime``) and write its outputs.
+    Returns the summary dict (see :func:`finalize`)."""
+    out = Path(output_dir or spec.training.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    record_job(spec, out)
+    t0 = time.perf_counter()
+    data = prepare_data(spec)
+    task = job_task(spec, data, out, resume)
+    result = run_task(task, (lambda model, task: runtime) if runtime is not None else None)
+    return finalize(spec, out, result.to_dict(), data, None, time.perf_counter() - t0,
+                    parameters=parameter_counts(spec, len(data.tokenizer)))
 
 
 def run_job_local(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = False) -> Dict[str, Any]:
-    """Train the job in this process and write its outputs. Returns the summary dict."""
-    from .training import MoETrainer
+    """:func:`run_job` in this one process."""
+    return run_job(spec, None, output_dir, resume)
 
-    out = Path(output_dir or spec.training.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    spec.to_yaml(out / "job.yaml")
-    t0 = time.perf_counter()
-    data = prepare_data(spec)
-    model = build_model(spec, len(data.tokenizer))
-    trainer = MoETrainer(model, tokenizer=data.tokenizer, **trainer_kwargs(spec))
-    result = trainer.train(data.train, data.eval, resume_from="latest" if resume else None, **train_kwargs(spec, str(out)))
-    return finalize(spec, out, result.to_dict(), data, model, time.perf_counter() - t0)
+
+def parameter_counts(spec: JobSpec, vocab_size: int) -> Dict[str, int]:
+    """Total and active parameters of the job's model, counted on the meta device (no memory)."""
+    from .model import MoEModel
+
+    with torch.device("meta"):
+        model = MoEModel.from_config(spec.model.to_config(vocab_size))
+    return {"total": model.num_parameters(), "active": model.num_parameters(active_only=True)}
 
 
 def finalize(
@@ -166,6 +231,7 @@ def finalize(
     model: Optional[torch.nn.Module],
     elapsed: float,
     extra: Optional[Dict[str, Any]] = None,
+    parameters: Optional[Dict[str, int]] = None,
 ) -> Dict[str, Any]:
     """Write ``summary.json`` and ``loss_curve.png``; return the summary."""
     from .analytics.plots import plot_training_curves
@@ -176,6 +242,8 @@ def finalize(
     summary: Dict[str, Any] = {
         "job": spec.name,
         "global_step": result.get("global_step"),
+        #: steps this invocation ran (global_step minus the step it resumed from)
+        "steps_run": result.get("steps_run", result.get("global_step")),
         "train_loss": result.get("train_loss"),
         "eval_loss": eval_loss,
         "eval_perplexity": result.get("eval_perplexity"),
@@ -189,7 +257,9 @@ def finalize(
         "data": data.stats,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
-    if model is not None and hasattr(model, "num_parameters"):
+    if parameters is not None:
+        summary["parameters"] = parameters
+    elif model is not None and hasattr(model, "num_parameters"):
         summary["parameters"] = {"total": model.num_parameters(), "active": model.num_parameters(active_only=True)}
     summary.update(extra or {})
     history = result.get("history") or {}
@@ -234,8 +304,10 @@ def write_job_report(spec: JobSpec, out: Path, checkpoint: Path, data: PreparedD
 def format_summary(summary: Dict[str, Any]) -> str:
     ev = summary.get("eval_loss")
     base = summary["unigram_baseline_loss"]
+    step, ran = summary["global_step"], summary.get("steps_run", summary["global_step"])
+    steps = f"{ran} steps" if ran == step else f"{ran} steps (resumed at step {step - ran}, now at {step})"
     lines = [
-        f"job {summary['job']}: {summary['global_step']} steps in {summary['elapsed_seconds']:.0f}s "
+        f"job {summary['job']}: {steps} in {summary['elapsed_seconds']:.0f}s "
         f"({summary['tokens_per_second']:,.0f} tokens/s)",
         f"final train loss   {summary['train_loss']:.4f}",
     ]

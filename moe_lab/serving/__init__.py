@@ -1,0 +1,25 @@
+"""Serving without Ray: the OpenAI-style protocol, the server's settings and its batcher.
+
+- :mod:`.protocol`: request parsing and validation, response objects, SSE framing and
+  OpenAI-style errors for ``/v1/completions``, ``/v1/models`` and ``/v1/stats``;
+- :mod:`.args`: :class:`ServeArgs`, the server's settings, and :func:`load_serve_args`
+  (a YAML file, flags and ``--set key=value``, as ``moe-lab serve`` takes them);
+- :mod:`.batching`: :class:`DecodeBatcher`, dynamic batching onto the one model thread.
+
+The Ray Serve deployment that puts them together is :mod:`moe_lab.orchestration.serve`.
+"""
+
+from .args import ServeArgs, load_serve_args, resolve_checkpoint, serve_args_from
+from .batching import DecodeBatcher
+from .protocol import APIError, CompletionBody, parse_completion_request
+
+__all__ = [
+    "APIError",
+    "CompletionBody",
+    "DecodeBatcher",
+    "ServeArgs",
+    "load_serve_args",
+    "parse_completion_request",
+    "resolve_checkpoint",
+    "serve_args_from",
+]

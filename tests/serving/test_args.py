@@ -1,0 +1,88 @@
+"""ServeArgs from a YAML file, flags and --set: precedence, and errors that name their source."""
+
+import pytest
+import yaml
+
+from moe_lab import ConfigError
+from moe_lab.serving.args import ServeArgs, load_serve_args, resolve_checkpoint, serve_args_from
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    def write(data, name="serve.yaml"):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+        return path
+
+    return write
+
+
+def _flags(**values):
+    labels = {"checkpoint": "CHECKPOINT", "num_replicas": "--replicas", "device": "--device"}
+    return {field: (labels[field], values.get(field)) for field in labels}
+
+
+def test_file_then_flags_and_set(cfg):
+    path = cfg({"checkpoint": "a", "num_replicas": 3, "max_batch_size": 4, "device": "cpu"})
+    args = load_serve_args(path)
+    assert (args.checkpoint, args.num_replicas, args.max_batch_size, args.device) == ("a", 3, 4, "cpu")
+    args = load_serve_args(path, _flags(checkpoint="b", num_replicas=2),
+                           ["max_batch_size=16", "batch_wait_timeout_s=1e-3", "api_key_env=KEY", "torch_threads=null"])
+    assert (args.checkpoint, args.num_replicas, args.max_batch_size, args.device) == ("b", 2, 16, "cpu")
+    assert args.batch_wait_timeout_s == pytest.approx(1e-3) and args.api_key_env == "KEY" and args.torch_threads is None
+    # no file: the defaults plus what was given
+    assert load_serve_args(None, _flags(checkpoint="c")) == ServeArgs(checkpoint="c")
+    assert load_serve_args(None, overrides=["checkpoint=d", "num_replicas=2"]).num_replicas == 2
+
+
+@pytest.mark.parametrize(
+    "data, flags, overrides, match",
+    [
+        ({"checkpoint": "a", "max_batch": 3}, {}, [], r"serve\.yaml: max_batch: unknown key; did you mean max_batch_size\?"),
+        ({"checkpoint": "a", "max_batch_size": 0}, {}, [], r"serve\.yaml: max_batch_size: Input should be greater than or equal to 1"),
+        ({"checkpoint": "a", "eviction_policy": "fifo"}, {}, [], r"eviction_policy: must be one of \['lru', 'lfu'\]"),
+        ({"checkpoint": "a"}, {"num_replicas": 0}, [], r"^--replicas: Input should be greater than or equal to 1"),
+        ({"checkpoint": "a"}, {}, ["max_batch_size=0"], r"^--set max_batch_size: Input should be greater"),
+        ({"checkpoint": "a"}, {}, ["max_batchsize=2"], r"^--set max_batchsize: unknown key; did you mean max_batch_size\?"),
+        ({"checkpoint": "a"}, {}, ["zzz=2"], r"^--set zzz: unknown key; the fields are: checkpoint, model_name"),
+        ({"checkpoint": "a"}, {}, ["max_batch_size"], r"--set expects key=value"),
+        ({"checkpoint": "a"}, {}, ["a.b=1"], r"--set expects key=value"),
+        ({"checkpoint": "a"}, {"num_replicas": 2}, ["num_replicas=3"], r"--set num_replicas: also given as --replicas"),
+        ({"model_name": "x"}, {}, [], r"^checkpoint: required \(give CHECKPOINT or set `checkpoint:` in the --config file\)"),
+        ({"checkpoint": "a"}, {}, ["model_name="], r"^--set model_name: "),
+    ],
+)
+def test_errors_name_the_file_flag_or_key(cfg, data, flags, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_serve_args(cfg(data), _flags(**flags), overrides)
+
+
+def test_file_errors(cfg, tmp_path):
+    with pytest.raises(ConfigError, match="serve config file not found"):
+        load_serve_args(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_serve_args(cfg("checkpoint: [unclosed"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_serve_args(cfg("- a\n- b\n"))
+    serve_config = {"http_options": {"host": "127.0.0.1"}, "applications": [{"import_path": "x:y", "args": {}}]}
+    with pytest.raises(ConfigError, match=r"is a Ray Serve config file .*`serve run`"):
+        load_serve_args(cfg(serve_config))
+
+
+def test_resolve_checkpoint(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'ckpt' is not a checkpoint directory"):
+        resolve_checkpoint(ServeArgs(checkpoint="ckpt"))
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"")
+    args = resolve_checkpoint(ServeArgs(checkpoint="ckpt", max_batch_size=3))
+    assert args.checkpoint == str(ckpt.resolve()) and args.max_batch_size == 3
+
+
+def test_serve_args_from_a_mapping():
+    args = ServeArgs(checkpoint="a")
+    assert serve_args_from(args) is args and serve_args_from({"checkpoint": "a"}) == args
+    with pytest.raises(ConfigError, match=r"^serve args: num_replicas: Input should be greater"):
+        serve_args_from({"checkpoint": "a", "num_replicas": 0})
