@@ -7,22 +7,26 @@
 Local clusters declare at least 4 logical CPUs so that Ray Train workers at fractional CPUs
 and Ray Data tasks can run side by side on a 2-core laptop without starving each other.
 
-Loopback: an embedded cluster advertises 127.0.0.1 as its node address, its dashboard and
-Jobs API listen on 127.0.0.1, and Ray's metrics export (Prometheus ``/metrics`` served
-without authentication by the dashboard agent on every interface) is off
-(``RAY_enable_metrics_collection=0``; set it to 1 to turn it back on). What Ray 2.60 still
-binds on every interface: the gRPC servers of the GCS, the raylet, the dashboard agent and
-each worker, and the runtime-env agent on the machine's address. They speak gRPC only and,
-with token authentication (``RAY_AUTH_MODE=token``, the default for local clusters), refuse
-callers without the cluster's token; ``tests/orchestration/test_cluster_sockets.py`` lists
-them and checks that none of them answers HTTP.
+Loopback: an embedded cluster's dashboard and Jobs API listen on 127.0.0.1, and none of
+Ray's unauthenticated Prometheus ``/metrics`` servers listens anywhere: the metrics export
+of the dashboard agent is off (``RAY_enable_metrics_collection=0``; set it to 1 to turn it
+back on), and the dashboard's and autoscaler's own metrics servers, which Ray 2.60 binds on
+every interface (it turns a 127.0.0.1 node address into the machine's address), find their
+ports (``DASHBOARD_METRIC_PORT``, ``AUTOSCALER_METRIC_PORT``) held on 127.0.0.1 by this
+process and do not start. Set those variables yourself to get them back. What Ray 2.60
+still binds on every interface: the gRPC servers of the GCS, the raylet, the dashboard agent
+and each worker, and the runtime-env agent on the machine's address. They speak gRPC only
+and, with token authentication (``RAY_AUTH_MODE=token``, the default for local clusters),
+refuse callers without the cluster's token; ``tests/orchestration/test_cluster_sockets.py``
+lists them and checks that none of them answers HTTP.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional
+import socket
+from typing import Any, Dict, List, Optional
 
 from ..errors import DistributedError
 
@@ -30,6 +34,28 @@ logger = logging.getLogger(__name__)
 
 #: logical CPUs a local cluster declares at least (Ray Data needs room next to the workers)
 MIN_LOCAL_CPUS = 4
+
+
+#: loopback sockets holding the ports of Ray's dashboard/autoscaler metrics servers (see above)
+_HELD_METRICS_PORTS: List[socket.socket] = []
+
+
+def _hold_metrics_ports() -> None:
+    """Point Ray's dashboard and autoscaler metrics servers at ports this process holds on
+    127.0.0.1, so that their bind to 0.0.0.0 fails and no unauthenticated /metrics listens."""
+    for env in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT"):
+        if env in os.environ and not _HELD_METRICS_PORTS:
+            continue  # the user chose a port: leave it
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        os.environ[env] = str(s.getsockname()[1])
+        _HELD_METRICS_PORTS.append(s)
+
+
+def _release_metrics_ports() -> None:
+    while _HELD_METRICS_PORTS:
+        _HELD_METRICS_PORTS.pop().close()
 
 
 def local_cpu_count() -> int:
@@ -74,6 +100,8 @@ def init_ray(
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise DistributedError(f"could not connect to the Ray cluster at {address!r}: {exc}") from None
     else:
+        if not _HELD_METRICS_PORTS and os.environ.get("RAY_enable_metrics_collection") == "0":
+            _hold_metrics_ports()
         if object_store_memory is None:
             try:
                 total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -87,7 +115,6 @@ def init_ray(
             object_store_memory=object_store_memory,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
             **({"dashboard_port": dashboard_port} if dashboard_port else {}),
             **kwargs,
         )
@@ -101,3 +128,4 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    _release_metrics_ports()
