@@ -64,7 +64,7 @@ def check_compiled_step(dev: torch.device) -> None:
                         tensorboard=False, max_grad_norm=None)
         ids = torch.randint(0, 1024, (4, 256), generator=torch.Generator().manual_seed(1))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        loss, info, _ = forward_loss(tr.model, {k: v.to(dev) for k, v in batch.items()}, float(ids[:, 1:].numel()), 1.0,
+        loss, info, _ = forward_loss(tr.model, {k: v.to(dev) for k, v in batch.items()}, float(ids[:, 1:].numel()),
                                      tr.settings)
         loss.backward()
         grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])

@@ -54,6 +54,22 @@ def format_validation_error(exc: ValidationError, owner: str) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+def check_groups(num_experts: int, top_k: int, num_groups: Optional[int], topk_groups: Optional[int], error: type) -> None:
+    """Raise ``error`` naming the values when group-limited routing cannot work."""
+    if (num_groups is None) != (topk_groups is None):
+        raise error(f"num_groups ({num_groups}) and topk_groups ({topk_groups}) go together: set both or neither")
+    if num_groups is None:
+        return
+    if num_groups < 1 or num_experts % num_groups:
+        raise error(f"num_experts ({num_experts}) must be divisible by num_groups ({num_groups})")
+    if not 1 <= topk_groups <= num_groups:
+        raise error(f"topk_groups ({topk_groups}) must be in [1, num_groups ({num_groups})]")
+    if top_k > topk_groups * (num_experts // num_groups):
+        raise error(f"top_k ({top_k}) must be <= topk_groups ({topk_groups}) * experts per group "
+                    f"({num_experts // num_groups})")
+
+
+
 class _StrictModel(BaseModel):
     """Pydantic base: unknown keys are errors, and validation errors become ConfigError."""
 
@@ -162,6 +178,21 @@ class MoEConfig(_StrictModel):
     expert_choice_eval_routing: Literal["token_choice", "expert_choice"] = "token_choice"
     load_balancing_loss_coef: float = Field(0.01, ge=0)
     router_z_loss_coef: float = Field(0.001, ge=0)
+    #: what one balancing-loss value averages over: each micro-batch (Switch, Megatron-Core),
+    #: each sequence (DeepSeek-V3's sequence-wise loss), or the global batch of an optimizer
+    #: step, all micro-batches and data-parallel ranks (Qwen); see moe_lab.training.losses
+    load_balancing_scope: Literal["micro_batch", "sequence", "global_batch"] = "micro_batch"
+    # 2025-2026 routing recipes (router_type top_k)
+    router_score_function: Literal["softmax", "sigmoid"] = "softmax"  #: sigmoid: DeepSeek-V3 affinities
+    router_scaling_factor: float = Field(1.0, gt=0)  #: multiplies the combine weights
+    router_bias_update_rate: Optional[float] = Field(None, gt=0)  #: aux-loss-free balancing (DeepSeek-V3)
+    router_num_groups: Optional[int] = Field(None, ge=1)  #: group-limited routing: expert groups
+    router_topk_groups: Optional[int] = Field(None, ge=1)  #: groups each token may use
+    # shared experts and attention options
+    num_shared_experts: int = Field(0, ge=0)  #: always-active experts, added to the routed output
+    shared_expert_intermediate_size: Optional[int] = Field(None, gt=0)  #: default num_shared * expert size
+    shared_expert_gate: bool = False  #: a per-token sigmoid gate on the shared output (Qwen2-MoE)
+    qk_norm: bool = False  #: RMSNorm on each head's queries and keys before RoPE (Qwen3)
     # implementation
     moe_backend: Literal["auto", "grouped", "eager"] = "auto"
 
@@ -208,6 +239,24 @@ class MoEConfig(_StrictModel):
                 f"router_type 'switch' routes each token to 1 expert; got experts_per_token "
                 f"({self.experts_per_token}): leave it unset or set it to 1"
             )
+        recipe = {
+            "router_score_function": self.router_score_function != "softmax",
+            "router_bias_update_rate": self.router_bias_update_rate is not None,
+            "router_num_groups": self.router_num_groups is not None,
+        }
+        if self.router_type != RouterType.TOP_K:
+            for name, used in recipe.items():
+                if used:
+                    problems.append(f"{name} needs router_type 'top_k', got {self.router_type.value!r}")
+        try:
+            check_groups(self.num_experts, self.experts_per_token, self.router_num_groups, self.router_topk_groups,
+                         ValueError)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if self.shared_expert_gate and not self.num_shared_experts:
+            problems.append("shared_expert_gate needs num_shared_experts >= 1")
+        if self.shared_expert_intermediate_size is not None and not self.num_shared_experts:
+            problems.append("shared_expert_intermediate_size needs num_shared_experts >= 1")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -225,6 +274,11 @@ class MoEConfig(_StrictModel):
     def intermediate_size(self) -> int:
         """Expert intermediate size (``expert_hidden_size``, default 4 * hidden_size)."""
         return self.expert_hidden_size or 4 * self.hidden_size
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        """Width of the shared experts' MLP (``num_shared_experts * intermediate_size`` by default)."""
+        return self.shared_expert_intermediate_size or self.num_shared_experts * self.intermediate_size
 
     @property
     def dense_ffn_size(self) -> int:

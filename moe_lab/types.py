@@ -57,6 +57,9 @@ class RoutingInfo(TypedDict, total=False):
     prob_sums: torch.Tensor  #: [L, E], router probabilities summed over real tokens, in the graph
     z_sums: torch.Tensor  #: [L], logsumexp(logits)^2 summed over real tokens, in the graph
     num_tokens: torch.Tensor  #: scalar, real tokens of this call (the losses' denominator)
+    seq_prob_sums: torch.Tensor  #: [L, B, E], per sequence (load_balancing_scope "sequence" only)
+    seq_selection_counts: torch.Tensor  #: [L, B, E], per sequence (sequence scope only)
+    seq_num_tokens: torch.Tensor  #: [B], real tokens per sequence (sequence scope only)
     expert_counts: torch.Tensor  #: [L, E] int64, tokens processed per expert (real tokens only)
     dropped_fraction: torch.Tensor  #: [L] float, see the router docs
     router_probs: List[torch.Tensor]  #: L x [T, E] fp32, detached

@@ -62,7 +62,8 @@ class MoELayer(nn.Module):
     ) -> Tuple[torch.Tensor, Dict[str, Any]]:
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])  # [T, D]
-        weights_TK, experts_TK, info = self.router(x_TD, training=self.training, token_mask=token_mask)
+        weights_TK, experts_TK, info = self.router(x_TD, training=self.training, token_mask=token_mask,
+                                                   num_sequences=shape[0] if len(shape) == 3 else None)
         x_ND, tokens_per_expert, meta = self.dispatcher.dispatch(
             x_TD, experts_TK, weights_TK, all_valid=info.pop("all_valid", False)
         )

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_groups
 from ..errors import RouterError
 from ..types import RouterType
 
@@ -103,6 +104,36 @@ def balancing_losses(
     n = num_tokens.to(prob_sums_LE.dtype).clamp(min=1)
     lb_L = prob_sums_LE.shape[-1] * (f_LE * prob_sums_LE).sum(dim=-1) / n
     return lb_L, z_sums_L / n
+
+
+#: router score functions (TopKRouter)
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+def limit_to_top_groups(scores_TE: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
+    """``scores`` with every expert outside the token's ``topk_groups`` best groups set to -inf.
+
+    A group's score is the sum of its two best expert scores (DeepSeek-V3), or its best one
+    when a group holds a single expert."""
+    t, e = scores_TE.shape
+    grouped_TGX = scores_TE.view(t, num_groups, e // num_groups)
+    best = grouped_TGX.topk(min(2, e // num_groups), dim=-1).values.sum(dim=-1)  # [T, G]
+    keep_TG = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(topk_groups, dim=-1).indices, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand(t, num_groups, e // num_groups).reshape(t, e)
+    return scores_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+@torch.no_grad()
+def update_expert_bias(router: nn.Module, load_E: torch.Tensor) -> None:
+    """Aux-loss-free balancing step: ``bias += rate * sign(mean(load) - load)`` (DeepSeek-V3).
+
+    ``load_E``: the expert load of the optimizer step (selections before capacity, summed over
+    micro-batches and data-parallel ranks, so every rank applies the same update)."""
+    bias = getattr(router, "expert_bias", None)
+    if bias is None:
+        return
+    load = load_E.to(bias.device, torch.float32)
+    bias.add_(router.bias_update_rate * torch.sign(load.mean() - load))
 
 
 def count_assignments(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -200,6 +231,8 @@ class Router(nn.Module):
         token_mask_T: Optional[torch.Tensor],
         num_real_local: torch.Tensor,
         dropped_fraction: torch.Tensor,
+        selected_TK: Optional[torch.Tensor] = None,
+        num_sequences: Optional[int] = None,
     ) -> RouterInfo:
         real_TE = probs_TE if token_mask_T is None else probs_TE * token_mask_T.unsqueeze(-1).to(probs_TE.dtype)
         z_T = torch.logsumexp(logits_TE, dim=-1).square()
@@ -208,7 +241,20 @@ class Router(nn.Module):
         prob_sums_E, z_sum = real_TE.sum(dim=0), z_T.sum()
         counts_E = selection_counts_E.detach()
         lb, z = balancing_losses(prob_sums_E.unsqueeze(0), counts_E.unsqueeze(0), z_sum.view(1), num_real_local)
-        return {
+        extra: Dict[str, Any] = {}
+        if num_sequences and selected_TK is not None:  # sequence-wise balancing statistics
+            b = num_sequences
+            extra["seq_prob_sums"] = real_TE.view(b, -1, self.num_experts).sum(dim=1)  # [B, E], in the graph
+            sel_BSK = selected_TK.view(b, -1, selected_TK.shape[-1])
+            extra["seq_selection_counts"] = torch.stack(
+                [count_assignments(sel_BSK[i], self.num_experts) for i in range(b)]
+            ).detach()  # [B, E]
+            mask_BS = token_mask_T.view(b, -1) if token_mask_T is not None else None
+            extra["seq_num_tokens"] = (
+                mask_BS.sum(dim=1).float() if mask_BS is not None else torch.full((b,), float(z_T.numel() // b),
+                                                                                   device=z_T.device)
+            )
+        return {**extra, 
             "router_logits": logits_TE,
             "router_probs": probs_TE,
             "load_balancing_loss": lb[0],
@@ -223,11 +269,24 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """Token choice: softmax over experts, then each token takes its ``top_k`` best, distinct
-    experts (Mixtral, GShard).
+    """Token choice: each token takes its ``top_k`` best, distinct experts (Mixtral, GShard,
+    DeepSeek-V3, Qwen3-MoE).
 
-    Weights: with ``normalize_weights=True`` (the default, as Mixtral) the k probabilities are
-    renormalised to sum to 1; with False they are the raw softmax probabilities.
+    Scores: ``score_function="softmax"`` (the default) or ``"sigmoid"`` (DeepSeek-V3: each
+    expert's affinity on its own; the balancing loss then uses the affinities normalised to
+    sum to 1 per token). Weights: with ``normalize_weights=True`` (the default) the k scores are
+    renormalised to sum to 1, otherwise they are the raw scores; then multiplied by
+    ``scaling_factor`` (1.0).
+
+    Aux-loss-free balancing (DeepSeek-V3): with ``bias_update_rate`` set, a per-expert bias
+    buffer ``expert_bias`` [E] is added to the scores for *selection only* (never to the
+    weights). :func:`update_expert_bias` moves it after each optimizer step by
+    ``rate * sign(mean load - load)`` from the global expert load.
+
+    Group-limited routing: with ``num_groups`` and ``topk_groups``, the experts form
+    ``num_groups`` equal groups; each token first keeps its ``topk_groups`` best groups (a
+    group's score is the sum of its two best biased scores, or its best when a group holds one
+    expert), then picks its ``top_k`` experts among them.
 
     Capacity: ``capacity_factor=None`` (the default) never drops. With a factor and
     ``drop_tokens=True`` each expert takes at most ``ceil(capacity_factor * tokens * k / E)``
@@ -250,15 +309,57 @@ class TopKRouter(Router):
         capacity_factor: Optional[float] = None,
         drop_tokens: bool = True,
         eval_capacity_factor: Optional[float] = None,
+        score_function: str = "softmax",
+        scaling_factor: float = 1.0,
+        bias_update_rate: Optional[float] = None,
+        num_groups: Optional[int] = None,
+        topk_groups: Optional[int] = None,
     ) -> None:
         super().__init__(hidden_size, num_experts, top_k, router_bias, router_jitter_noise)
-        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor),
+                            ("bias_update_rate", bias_update_rate)):
             if value is not None and not value > 0:
                 raise RouterError(f"{name} ({value!r}) must be > 0 or None")
+        if score_function not in SCORE_FUNCTIONS:
+            raise RouterError(f"score_function must be one of {list(SCORE_FUNCTIONS)}, got {score_function!r}")
+        if not scaling_factor > 0:
+            raise RouterError(f"scaling_factor ({scaling_factor!r}) must be > 0")
+        check_groups(num_experts, top_k, num_groups, topk_groups, RouterError)
         self.normalize_weights = normalize_weights
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.drop_tokens = drop_tokens
+        self.score_function = score_function
+        self.scaling_factor = float(scaling_factor)
+        self.bias_update_rate = bias_update_rate
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        #: per-sequence statistics for the sequence-wise balancing loss (set from the config)
+        self.sequence_stats = False
+        if bias_update_rate is not None:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    def select(self, logits_TE: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weights_TK, experts_TK, probs_TE)``: the token-choice selection, before capacity.
+
+        ``probs_TE`` are what the balancing loss averages (softmax probabilities, or the
+        normalised sigmoid affinities)."""
+        if self.score_function == "sigmoid":
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        else:
+            scores_TE = probs_TE = logits_TE.softmax(dim=-1)
+        choice_TE = scores_TE.detach()
+        if getattr(self, "expert_bias", None) is not None:
+            choice_TE = choice_TE + self.expert_bias  # selection only
+        if self.num_groups is not None:
+            choice_TE = limit_to_top_groups(choice_TE, self.num_groups, self.topk_groups)
+        experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(-1, experts_TK)
+        if self.normalize_weights:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.scaling_factor != 1.0:
+            weights_TK = weights_TK * self.scaling_factor
+        return weights_TK, experts_TK, probs_TE
 
     def active_capacity_factor(self, training: bool) -> Optional[float]:
         """The capacity factor a call uses: None means no dropping."""
@@ -272,19 +373,19 @@ class TopKRouter(Router):
         Equal to ``forward(x, training=False)`` unless ``eval_capacity_factor`` is set; it
         has no host synchronisation, so decoding can capture it in a CUDA graph.
         """
-        top_p_TK, top_i_TK = self.compute_logits(x_TD, training=False).softmax(dim=-1).topk(self.top_k, dim=-1)
-        if self.normalize_weights:
-            top_p_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True)
-        return top_p_TK, top_i_TK
+        weights_TK, experts_TK, _ = self.select(self.compute_logits(x_TD, training=False))
+        return weights_TK, experts_TK
 
     def forward(
-        self, hidden_states: torch.Tensor, training: bool = True, token_mask: Optional[torch.Tensor] = None
+        self,
+        hidden_states: torch.Tensor,
+        training: bool = True,
+        token_mask: Optional[torch.Tensor] = None,
+        num_sequences: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, RouterInfo]:
         x_TD, mask_T = self._prepare(hidden_states, token_mask)
         logits_TE = self.compute_logits(x_TD, training)
-        probs_TE = logits_TE.softmax(dim=-1)
-        top_p_TK, top_i_TK = probs_TE.topk(self.top_k, dim=-1)
-        weights_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True) if self.normalize_weights else top_p_TK
+        weights_TK, top_i_TK, probs_TE = self.select(logits_TE)
         if mask_T is not None:
             top_i_TK = top_i_TK.masked_fill(~mask_T.unsqueeze(-1), -1)
         num_real = self._num_real(x_TD, mask_T)
@@ -299,7 +400,8 @@ class TopKRouter(Router):
             expert_indices_TK = top_i_TK.masked_fill(over_TK, -1)
             dropped = over_TK.sum().float() / (num_real * self.top_k).clamp(min=1)
         weights_TK = weights_TK * (expert_indices_TK >= 0).to(weights_TK.dtype)
-        info = self._info(logits_TE, probs_TE, selection_counts_E, expert_indices_TK, mask_T, num_real, dropped)
+        info = self._info(logits_TE, probs_TE, selection_counts_E, expert_indices_TK, mask_T, num_real, dropped,
+                          top_i_TK, num_sequences if self.sequence_stats else None)
         info["all_valid"] = mask_T is None and capacity_factor is None
         return weights_TK, expert_indices_TK, info
 
@@ -395,7 +497,11 @@ class ExpertChoiceRouter(Router):
         return max(1, min(num_tokens, c))
 
     def forward(
-        self, hidden_states: torch.Tensor, training: bool = True, token_mask: Optional[torch.Tensor] = None
+        self,
+        hidden_states: torch.Tensor,
+        training: bool = True,
+        token_mask: Optional[torch.Tensor] = None,
+        num_sequences: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, RouterInfo]:
         x_TD, mask_T = self._prepare(hidden_states, token_mask)
         logits_TE = self.compute_logits(x_TD, training)
@@ -445,7 +551,7 @@ def build_router(config: Any) -> Router:
     rt = RouterType(config.router_type)
     jitter = config.router_jitter_noise
     if rt == RouterType.TOP_K:
-        return TopKRouter(
+        router = TopKRouter(
             config.hidden_size,
             config.num_experts,
             top_k=config.experts_per_token,
@@ -455,9 +561,16 @@ def build_router(config: Any) -> Router:
             capacity_factor=config.capacity_factor,
             drop_tokens=config.drop_tokens,
             eval_capacity_factor=config.eval_capacity_factor,
+            score_function=config.router_score_function,
+            scaling_factor=config.router_scaling_factor,
+            bias_update_rate=config.router_bias_update_rate,
+            num_groups=config.router_num_groups,
+            topk_groups=config.router_topk_groups,
         )
+        router.sequence_stats = config.load_balancing_scope == "sequence"
+        return router
     if rt == RouterType.SWITCH:
-        return SwitchRouter(
+        router = SwitchRouter(
             config.hidden_size,
             config.num_experts,
             capacity_factor=1.25 if config.capacity_factor is None else config.capacity_factor,
@@ -466,6 +579,8 @@ def build_router(config: Any) -> Router:
             router_bias=config.router_bias,
             eval_capacity_factor=config.eval_capacity_factor,
         )
+        router.sequence_stats = config.load_balancing_scope == "sequence"
+        return router
     return ExpertChoiceRouter(
         config.hidden_size,
         config.num_experts,

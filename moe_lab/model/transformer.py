@@ -465,4 +465,16 @@ class MoEModel(nn.Module):
             expert_indices=[i["expert_indices"].detach() for i in infos],
             token_mask=tm,
             moe_layer_indices=self.moe_layer_indices,
+            **self._sequence_stats(infos),
         )
+
+    @staticmethod
+    def _sequence_stats(infos: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        """Per-sequence balancing statistics, when the routers computed them (sequence scope)."""
+        if "seq_prob_sums" not in infos[0]:
+            return {}
+        return {
+            "seq_prob_sums": torch.stack([i["seq_prob_sums"] for i in infos]),  # [L, B, E]
+            "seq_selection_counts": torch.stack([i["seq_selection_counts"] for i in infos]),  # [L, B, E]
+            "seq_num_tokens": infos[0]["seq_num_tokens"],  # [B]
+        }

@@ -301,6 +301,10 @@ class MoETrainer:
     def _train_record(self, window: M.MetricsWindow, epoch: int) -> Dict[str, Any]:
         record = window.record(self.global_step, epoch, float(self.optimizer.param_groups[0]["lr"]),
                                self.runtime.all_reduce_sum, getattr(self.model, "moe_layer_indices", []))
+        for lay, moe in zip(record.get(M.MOE_LAYERS, []), getattr(self.model, "moe_layers", [])):
+            bias = getattr(moe.router, "expert_bias", None)
+            if bias is not None:  # aux-loss-free balancing: its bias over training
+                lay[M.ROUTER_BIAS] = [round(float(b), 6) for b in bias.detach().cpu()]
         if self.monitor is not None:
             try:
                 record[M.MONITOR] = self.monitor.get_current_stats().to_dict()

@@ -52,6 +52,7 @@ DROPPED_FRACTION = "dropped_fraction"
 LOAD_IMBALANCE = "load_imbalance_max_mean"  #: max / mean of the expert counts
 LOAD_CV = "load_cv"  #: std / mean of the expert counts
 EXPERT_COUNTS = "expert_counts"
+ROUTER_BIAS = "router_bias"  #: the aux-loss-free balancing bias per expert, when the router has one
 
 # ---- an eval record ------------------------------------------------------------------------
 EVAL_LOSS = "eval_loss"

@@ -5,16 +5,20 @@
     stats.loss_share, stats.grad_norm, stats.expert_counts_LE
 
 What one step does:
-1. count the label tokens and real tokens of all ``micro_batches`` (this rank's slices of
-   the step's global micro-batches), summed over ranks;
-2. per micro-batch: ``loss = CE_sum / labels_total + aux_share * real_mb / real_total`` under
-   autocast, backward. ``aux_share`` is this rank's share of the micro-batch's global aux loss
+1. count the label tokens, real tokens and sequences of all ``micro_batches`` (this rank's
+   slices of the step's global micro-batches), summed over ranks; with the ``global_batch``
+   balancing scope and more than one micro-batch, also route every micro-batch once without
+   gradients to get the step's expert selections (the RNG is replayed, so the real forwards
+   route the same way);
+2. per micro-batch: ``loss = CE_sum / labels_total + aux_share`` under autocast, backward.
+   ``aux_share`` is this rank's and micro-batch's share of the step's aux loss
    (:func:`moe_lab.training.losses.routing_losses`). The sum over micro-batches and ranks is
    the loss of the whole step, so accumulation and data parallelism are exact for the LM
-   loss and the z-loss; the load-balancing loss uses each micro-batch's routing statistics,
-   summed over ranks, as in Megatron-Core (with accumulation it is the token-weighted mean of
-   the micro-batch values);
-3. sync gradients (a no-op in one process), clip, step the optimizer and the LR schedule.
+   loss and the z-loss, and for the balancing loss in the ``sequence`` and ``global_batch``
+   scopes (in the ``micro_batch`` scope, as in Megatron-Core, it is the token-weighted mean
+   of the micro-batch values);
+3. sync gradients (a no-op in one process), clip, step the optimizer and the LR schedule;
+   then move the aux-loss-free router biases, if any, by the step's global expert load.
 
 Statistics stay on the device during the step and come back to the host once, at the end,
 so the GPU never waits for Python between micro-batches. Distributed runs differ only in the
@@ -34,7 +38,7 @@ from torch import nn
 
 from ..constants import IGNORE_INDEX
 from .fast_paths import lm_loss_sum
-from .losses import routing_losses
+from .losses import StepTotals, routing_losses, update_router_biases
 from .runtime import Runtime
 
 
@@ -69,39 +73,66 @@ class StepStats:
 
 
 def token_counts(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[labels, real tokens]`` of one micro-batch (float64, host)."""
+    """``[labels, real tokens, sequences with a real token]`` of one micro-batch (float64, host)."""
     labels = batch["labels"][:, 1:]
+    mask = batch["attention_mask"]
     return torch.tensor(
-        [float((labels != IGNORE_INDEX).sum()), float(batch["attention_mask"].sum())], dtype=torch.float64
+        [float((labels != IGNORE_INDEX).sum()), float(mask.sum()), float((mask.sum(dim=-1) > 0).sum())],
+        dtype=torch.float64,
     )
+
+
+def _inputs(batch: Dict[str, torch.Tensor], settings: StepSettings) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dev = settings.device
+    return (batch["input_ids"].to(dev, non_blocking=True), batch["attention_mask"].to(dev, non_blocking=True),
+            batch["labels"].to(dev, non_blocking=True))
 
 
 def forward_loss(
     model: nn.Module,
     batch: Dict[str, torch.Tensor],
     labels_total: float,
-    aux_weight: float,
     settings: StepSettings,
     runtime: Optional[Runtime] = None,
+    totals: Optional[StepTotals] = None,
 ) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
     """This rank's share of the step loss for one micro-batch: ``(loss, routing_info, ce_sum)``.
 
-    ``aux_weight`` is the micro-batch's share of the step's real tokens (over all ranks).
-    ``routing_info`` gains ``aux_share``, ``lb_share_L`` and ``z_share_L``: this rank's shares
-    of the micro-batch's global aux losses.
+    ``totals`` describes the step (None: a step of this one micro-batch). ``routing_info``
+    gains ``aux_share``, ``lb_share_L`` and ``z_share_L``: this rank's and micro-batch's shares
+    of the step's aux losses.
     """
     runtime = runtime or Runtime()
-    dev = settings.device
-    ids = batch["input_ids"].to(dev, non_blocking=True)
-    mask = batch["attention_mask"].to(dev, non_blocking=True)
-    labels = batch["labels"].to(dev, non_blocking=True)
+    ids, mask, labels = _inputs(batch, settings)
     with settings.autocast():
         logits, info = model(ids, attention_mask=mask, return_routing_info=True)
     ce_sum = settings.loss_sum_fn(logits, labels)
-    aux, lb_L, z_L = routing_losses(info, model.config, runtime.all_reduce_sum)
+    aux, lb_L, z_L = routing_losses(info, model.config, runtime.all_reduce_sum, totals)
     info["aux_share"], info["lb_share_L"], info["z_share_L"] = aux, lb_L, z_L
-    loss = ce_sum / max(labels_total, 1.0) + aux * aux_weight
+    loss = ce_sum / max(labels_total, 1.0) + aux
     return loss, info, ce_sum.detach()
+
+
+@torch.no_grad()
+def step_selection_counts(
+    model: nn.Module, micro_batches: List[Dict[str, torch.Tensor]], settings: StepSettings, runtime: Runtime
+) -> torch.Tensor:
+    """The step's expert selections ``[L, E]`` (before capacity; all micro-batches, all ranks),
+    from forwards without gradients. The RNG state is restored afterwards, so that the real
+    forwards draw the same jitter and dropout and route the same way."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    total = None
+    for batch in micro_batches:
+        ids, mask, _ = _inputs(batch, settings)
+        with settings.autocast():
+            _, info = model(ids, attention_mask=mask, return_routing_info=True)
+        counts = info["selection_counts"].detach().double()
+        total = counts if total is None else total + counts
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
+    return runtime.all_reduce_sum(total)
 
 
 def train_step(
@@ -116,15 +147,18 @@ def train_step(
     """Forward/backward over ``micro_batches``, sync, clip, step. See the module docstring."""
     runtime = runtime or Runtime()
     settings = settings or StepSettings()
-    counts_A2 = torch.stack([token_counts(b) for b in micro_batches])  # labels, real tokens
-    global_A2 = runtime.all_reduce_sum(counts_A2)
-    labels_total = float(global_A2[:, 0].sum())
-    real_total = float(global_A2[:, 1].sum())
-    losses, ce_sums, layer_stats, expert_counts = [], [], [], []
+    counts_A3 = torch.stack([token_counts(b) for b in micro_batches])  # labels, real tokens, sequences
+    global_A3 = runtime.all_reduce_sum(counts_A3)
+    labels_total = float(global_A3[:, 0].sum())
+    real_total = float(global_A3[:, 1].sum())
     model.train()
+    totals = StepTotals(real_tokens=real_total, sequences=float(global_A3[:, 2].sum()))
+    scope = getattr(getattr(model, "config", None), "load_balancing_scope", "micro_batch")
+    if scope == "global_batch" and len(micro_batches) > 1:
+        totals.selection_counts_LE = step_selection_counts(model, micro_batches, settings, runtime)
+    losses, ce_sums, layer_stats, expert_counts, selections = [], [], [], [], []
     for a, batch in enumerate(micro_batches):
-        w_global = float(global_A2[a, 1]) / max(real_total, 1.0)
-        loss, info, ce_sum = forward_loss(model, batch, labels_total, w_global, settings, runtime)
+        loss, info, ce_sum = forward_loss(model, batch, labels_total, settings, runtime, totals)
         if settings.scaler is not None:
             settings.scaler.scale(loss).backward()
         else:
@@ -133,13 +167,14 @@ def train_step(
         ce_sums.append(ce_sum.float())
         # per-layer health as this rank's share of the step value (summing over ranks gives it):
         # lb/z are already global shares of their micro-batch; dropped is a local fraction
-        w_local = float(counts_A2[a, 1]) / max(real_total, 1.0)
+        w_local = float(counts_A3[a, 1]) / max(real_total, 1.0)
         layer_stats.append(torch.stack([
-            info["lb_share_L"].detach().float() * w_global,
-            info["z_share_L"].detach().float() * w_global,
+            info["lb_share_L"].detach().float(),
+            info["z_share_L"].detach().float(),
             info["dropped_fraction"].detach().float() * w_local,
         ]))
         expert_counts.append(info["expert_counts"].detach())
+        selections.append(info["selection_counts"].detach())
     runtime.sync_gradients(model)
     if settings.scaler is not None:
         settings.scaler.unscale_(optimizer)
@@ -152,6 +187,11 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if selections and selections[0].numel() and _has_expert_bias(model):
+        load_LE = totals.selection_counts_LE if totals.selection_counts_LE is not None else None
+        if load_LE is None:
+            load_LE = runtime.all_reduce_sum(torch.stack(selections).sum(0).double())
+        update_router_biases(model, load_LE)
     # one device-to-host copy for all the step's statistics
     scalars = torch.stack([torch.stack(losses).sum(), torch.stack(ce_sums).sum(), grad_norm.float().to(losses[0].device)])
     scalars = scalars.double().cpu()
@@ -160,3 +200,7 @@ def train_step(
         stats.layer_stats_3L = torch.stack(layer_stats).sum(0).cpu()
         stats.expert_counts_LE = torch.stack(expert_counts).sum(0).cpu()
     return stats
+
+
+def _has_expert_bias(model: nn.Module) -> bool:
+    return any(getattr(moe.router, "expert_bias", None) is not None for moe in getattr(model, "moe_layers", []))
