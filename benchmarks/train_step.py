@@ -28,7 +28,7 @@ from moe_lab.config import MoEConfig
 from moe_lab.model import MoEModel
 from moe_lab.training import MoETrainer, train_step
 
-H100_BF16_PEAK = 989e12
+H100_BF16_PEAK = 989e12  # dense bf16 peak of an H100/H200 SXM (the torchtitan MFU convention)
 
 
 def flops_per_token(cfg: MoEConfig, seq: int) -> Dict[str, float]:
@@ -49,11 +49,11 @@ def make_batch(b: int, s: int, vocab: int, device: torch.device) -> Dict[str, to
 
 
 def bench_moe_lab(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.device, fast: bool,
-                  steps: int, warmup: int) -> Dict[str, Any]:
+                  steps: int, warmup: int, lm_loss: str = "auto", profile: bool = False) -> Dict[str, Any]:
     torch.manual_seed(0)
     model = MoEModel.from_config(cfg)
     trainer = MoETrainer(model, device=str(device), mixed_precision=True, fast_paths=fast, progress_bar=False,
-                         tensorboard=False, seed=0)
+                         tensorboard=False, seed=0, lm_loss=lm_loss)
     trainer.setup_optimizer(3e-4, 10, 1000)
 
     def step() -> float:  # the public step moe-lab train runs, with the trainer's settings
@@ -71,11 +71,32 @@ def bench_moe_lab(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if profile:
+        print_top_kernels(step, device)
     return {"seconds": dt, "peak_gib": peak, "loss": losses[-1]}
 
 
+def print_top_kernels(step: Any, device: torch.device, steps: int = 3, top: int = 18) -> None:
+    """``torch.profiler`` over a few steps: the kernels that take the most device time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+    total = sum(getattr(e, key, 0) for e in prof.key_averages())
+    print(f"profile: {total / 1e3 / steps:.1f} ms of {'GPU kernels' if device.type == 'cuda' else 'CPU'} per step; top kernels")
+    for e in events:
+        t = getattr(e, key, 0) / 1e3 / steps
+        print(f"  {t:8.2f} ms  {e.count // steps:5d}x  {e.key[:100]}")
+
+
 def bench_hf(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.device, impl: str,
-             steps: int, warmup: int) -> Dict[str, Any]:
+             steps: int, warmup: int, compiled: bool = False) -> Dict[str, Any]:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     hcfg = MixtralConfig(
@@ -89,10 +110,11 @@ def bench_hf(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.devic
     torch.manual_seed(0)
     model = MixtralForCausalLM(hcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    run = torch.compile(model) if compiled else model  # the one line a transformers user adds
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            loss = run(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -123,6 +145,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-eager", action="store_true", help="skip moe_lab without fast paths")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of moe_lab's fastest step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -138,11 +161,16 @@ def main() -> None:
     fpt = flops_per_token(cfg, s)
     rows: List[Dict[str, Any]] = []
     if not args.skip_hf:
-        for impl in ("grouped_mm", "eager"):
-            rows.append({"name": f"transformers Mixtral ({impl})", **bench_hf(cfg, batch, device, impl, steps, warmup)})
+        rows.append({"name": "transformers Mixtral (grouped_mm)", **bench_hf(cfg, batch, device, "grouped_mm", steps, warmup)})
+        if device.type == "cuda":
+            rows.append({"name": "transformers Mixtral (grouped_mm, compiled)",
+                         **bench_hf(cfg, batch, device, "grouped_mm", steps, warmup, compiled=True)})
     if not args.skip_eager:
         rows.append({"name": "moe_lab trainer (eager)", **bench_moe_lab(cfg, batch, device, False, steps, warmup)})
-    rows.append({"name": "moe_lab trainer (fast paths)", **bench_moe_lab(cfg, batch, device, True, steps, warmup)})
+    rows.append({"name": "moe_lab trainer (fast paths, logits CE)",
+                 **bench_moe_lab(cfg, batch, device, True, steps, warmup, lm_loss="logits")})
+    rows.append({"name": "moe_lab trainer (fast paths)",
+                 **bench_moe_lab(cfg, batch, device, True, steps, warmup, lm_loss="auto", profile=args.profile)})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"Training step on {name}, torch {torch.__version__}, batch {b} x {s}, "
           f"flops/token torchtitan {fpt['torchtitan'] / 1e9:.2f} G, megatron {fpt['megatron'] / 1e9:.2f} G")

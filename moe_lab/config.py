@@ -323,6 +323,10 @@ class TrainingConfig(_StrictModel):
     save_total_limit: Optional[int] = Field(2, ge=1)
     progress_bar: bool = True
     fast_paths: bool = True
+    #: the LM loss: "logits" (lm_head, then cross-entropy), "chunked" (lm_head and cross-entropy
+    #: fused in chunks, no logits tensor: moe_lab.ops.linear_cross_entropy), "auto" (chunked on
+    #: CUDA with fast_paths, else logits)
+    lm_loss: Literal["auto", "logits", "chunked"] = "auto"
     tensorboard: bool = True  #: TensorBoard events in output_dir/tensorboard
     mlflow_tracking_uri: Optional[str] = None  #: log to MLflow too (e.g. "file:./mlruns"; needs mlflow)
     mlflow_experiment: str = "moe-lab"

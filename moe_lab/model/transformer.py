@@ -1,8 +1,8 @@
 """MoEModel: a pre-norm decoder-only transformer whose MLPs are Mixture-of-Experts layers.
 
 Read top to bottom: RMSNorm, rotary embeddings, causal attention (SDPA, grouped-query
-capable), dense MLP, decoder layer, model. No biases anywhere, so the model maps exactly
-onto the transformers Mixtral layout.
+capable, optional QK-norm), dense MLP, decoder layer, model. No biases anywhere, so the
+model maps exactly onto the transformers Mixtral, Qwen2-MoE and Qwen3-MoE layouts.
 
     model = MoEModel(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4)
     logits = model(input_ids)                                        # [B, S, V]
@@ -12,6 +12,11 @@ onto the transformers Mixtral layout.
 Padding: ``attention_mask`` [B, S] (1 real, 0 pad). Padded positions are never attended
 to, never routed, never counted, and positions (RoPE) count real tokens only, so padding
 on either side changes nothing for the real tokens.
+
+QK-norm (``qk_norm=True``, Qwen3): ``attn.q_norm`` and ``attn.k_norm``, RMSNorms over each
+head's ``Dh`` values (weights [Dh], shared by the heads, eps ``rms_norm_eps``), are applied to
+the queries and keys after the projections and before RoPE; the KV cache stores the normed,
+rotated keys. Shared experts live in the MoE layers (see :mod:`moe_lab.model.moe_layer`).
 
 Shape letters: B batch, S sequence, D hidden, H heads, Hkv key/value heads, Dh head dim,
 V vocab, E experts, L MoE layers.
@@ -85,7 +90,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        #: QK-norm (Qwen3): RMSNorm over each head's Dh values of q and k, before RoPE
+        self.q_norm: Optional[nn.RMSNorm] = None
+        self.k_norm: Optional[nn.RMSNorm] = None
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.attention_dropout = config.attention_dropout
+
+    def project(
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``x``, QK-normed and rotated: ``[B, H, S, Dh]``,
+        ``[B, Hkv, S, Dh]``, ``[B, Hkv, S, Dh]`` (what a KV cache stores for k and v)."""
+        b, s, _ = x_BSD.shape
+        q_BSHD = self.q_proj(x_BSD).view(b, s, self.num_heads, self.head_dim)
+        k_BSHD = self.k_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHD, k_BSHD = self.q_norm(q_BSHD), self.k_norm(k_BSHD)
+        q, k = q_BSHD.transpose(1, 2), k_BSHD.transpose(1, 2)  # [B, H, S, Dh], [B, Hkv, S, Dh]
+        v = self.v_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(
         self,
@@ -96,10 +121,7 @@ class Attention(nn.Module):
         kv_cache: Optional[Any] = None,
     ) -> torch.Tensor:
         b, s, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.k_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
-        v = self.v_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(x_BSD, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, Hkv, S_total, Dh]
         y = F.scaled_dot_product_attention(
@@ -259,10 +281,11 @@ class MoEModel(nn.Module):
     def _init_weights(self) -> None:
         std = self.config.initializer_range
         out_std = out_proj_std(std, self.config.num_layers)
+        moe_prefixes = tuple(f"{n}." for n, m in self.named_modules() if isinstance(m, MoELayer))
         for name, module in self.named_modules():
-            if isinstance(module, MoELayer):
-                continue  # initialised by the layer itself
-            if isinstance(module, nn.Linear) and ".router." not in name:
+            if isinstance(module, MoELayer) or name.startswith(moe_prefixes):
+                continue  # initialised by the layer itself (router, experts, shared experts)
+            if isinstance(module, nn.Linear):
                 is_out = name.endswith("o_proj") or name.endswith("mlp.down")
                 nn.init.normal_(module.weight, std=out_std if is_out else std)
             elif isinstance(module, nn.Embedding):
@@ -383,6 +406,7 @@ class MoEModel(nn.Module):
         return_routing_info: bool = False,
         position_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[Any] = None,
+        return_hidden_states: bool = False,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, RoutingInfo]]:
         """Logits [B, S, V], or ``(logits, routing_info)``.
 
@@ -392,6 +416,9 @@ class MoEModel(nn.Module):
             return_routing_info: also return a :class:`~moe_lab.types.RoutingInfo`.
             position_ids: [B, S] RoPE positions; default counts real tokens from 0.
             kv_cache: a :class:`moe_lab.inference.KVCache` for incremental decoding.
+            return_hidden_states: return the final-norm hidden states [B, S, D] instead of
+                the logits (for a loss that applies ``lm_head`` itself, e.g.
+                :func:`moe_lab.ops.linear_cross_entropy.linear_cross_entropy_sum`).
         """
         past_len = kv_cache.length if kv_cache is not None else 0
         self._validate_inputs(input_ids, attention_mask, past_len)
@@ -421,10 +448,11 @@ class MoEModel(nn.Module):
                 infos.append(info)
         if kv_cache is not None:
             kv_cache.advance(s)
-        logits = self.lm_head(self.norm(x))  # [B, S, V]
+        h_BSD = self.norm(x)
+        out = h_BSD if return_hidden_states else self.lm_head(h_BSD)  # [B, S, D] or [B, S, V]
         if not return_routing_info:
-            return logits
-        return logits, self._collect_routing_info(infos, token_mask, b * s, x.device)
+            return out
+        return out, self._collect_routing_info(infos, token_mask, b * s, x.device)
 
     def _collect_routing_info(
         self, infos: List[Dict[str, Any]], token_mask: Optional[torch.Tensor], num_tokens: int, device: torch.device

@@ -5,7 +5,9 @@ share one graph), fuses the cross-entropy with the fp32 upcast of the logits (it
 compiled :func:`lm_loss_sum`), and enables TF32 for the few fp32 matmuls (the router; the
 ``torch.backends`` TF32 flags it sets are process-wide). The grouped expert matmul and SDPA
 flash attention are used in eager mode too. On any other device nothing changes: it returns
-the eager :func:`lm_loss_sum` and compiles nothing. Turn it off with
+the eager :func:`lm_loss_sum` and compiles nothing. :func:`chunked_head_loss` picks the LM
+loss (``training.lm_loss``): on CUDA with fast paths, the chunked linear + cross-entropy that
+never materialises the logits (with its per-chunk math compiled). Turn it off with
 ``training.fast_paths: false`` (``MoETrainer(fast_paths=False)``) to debug in eager mode.
 
 Tests: tests/training/test_fast_paths.py checks :func:`lm_loss_sum` against a hand-computed
@@ -16,7 +18,7 @@ eager on a GPU (loss and gradients of one training step).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,3 +43,16 @@ def apply_fast_paths(model: nn.Module, device: torch.device) -> Callable[[torch.
     for layer in getattr(model, "layers", []):
         layer.compile(dynamic=False)
     return torch.compile(lm_loss_sum, dynamic=False)
+
+
+def chunked_head_loss(args: Any, device: torch.device) -> Optional[Callable[..., torch.Tensor]]:
+    """The fused LM head + cross-entropy (:mod:`moe_lab.ops.linear_cross_entropy`) when
+    ``args.lm_loss`` asks for it ("auto": on CUDA with fast paths), else None."""
+    choice = getattr(args, "lm_loss", "auto")
+    if choice == "logits" or (choice == "auto" and not (args.fast_paths and device.type == "cuda")):
+        return None
+    from ..ops import linear_cross_entropy as lce
+
+    if device.type == "cuda" and args.fast_paths:
+        lce.compile_chunks()
+    return lce.shifted_linear_cross_entropy_sum

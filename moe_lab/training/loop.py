@@ -48,7 +48,7 @@ from ..checkpoint import (
     write_checkpoint,
 )
 from .evaluate import evaluate_model
-from .fast_paths import apply_fast_paths, lm_loss_sum
+from .fast_paths import apply_fast_paths, chunked_head_loss, lm_loss_sum
 from .optim import build_optimizer, build_scheduler, check_optimizer_spec, check_scheduler_spec
 from .results import RESULT_FILE, EvalResult, TrainingResult
 from .runtime import Runtime
@@ -122,7 +122,8 @@ class MoETrainer:
         self.scheduler: Any = scheduler if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) else None
         amp_dtype, scaler = _mixed_precision(self.args.mixed_precision, self.device)
         loss_fn = apply_fast_paths(self.model, self.device) if self.args.fast_paths else lm_loss_sum
-        self.settings = StepSettings(self.device, amp_dtype, scaler, self.args.max_grad_norm, loss_fn)
+        self.settings = StepSettings(self.device, amp_dtype, scaler, self.args.max_grad_norm, loss_fn,
+                                     head_loss_fn=chunked_head_loss(self.args, self.device))
         self.global_step = 0
         self.total_steps: Optional[int] = None
         #: (epoch, micro-batch in epoch) after the last step: where a resume continues

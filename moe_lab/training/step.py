@@ -51,6 +51,9 @@ class StepSettings:
     scaler: Optional[Any] = None  #: a GradScaler (fp16 autocast)
     max_grad_norm: Optional[float] = 1.0
     loss_sum_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss_sum
+    #: a loss that applies the LM head itself, ``fn(h_BSD, lm_head_weight_VD, labels_BS) -> CE sum``
+    #: (the chunked linear + cross-entropy of the GPU fast path); None: logits + ``loss_sum_fn``
+    head_loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -105,8 +108,13 @@ def forward_loss(
     runtime = runtime or Runtime()
     ids, mask, labels = _inputs(batch, settings)
     with settings.autocast():
-        logits, info = model(ids, attention_mask=mask, return_routing_info=True)
-    ce_sum = settings.loss_sum_fn(logits, labels)
+        if settings.head_loss_fn is not None:  # the LM head inside the loss: no logits tensor
+            h_BSD, info = model(ids, attention_mask=mask, return_routing_info=True, return_hidden_states=True)
+            ce_sum = settings.head_loss_fn(h_BSD, model.lm_head.weight, labels)
+        else:
+            logits, info = model(ids, attention_mask=mask, return_routing_info=True)
+    if settings.head_loss_fn is None:
+        ce_sum = settings.loss_sum_fn(logits, labels)
     aux, lb_L, z_L = routing_losses(info, model.config, runtime.all_reduce_sum, totals)
     info["aux_share"], info["lb_share_L"], info["z_share_L"] = aux, lb_L, z_L
     loss = ce_sum / max(labels_total, 1.0) + aux

@@ -117,3 +117,28 @@ def test_compiled_lm_loss_sum_equals_eager_on_cpu():
     got.backward()
     torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-5, atol=1e-6)
     assert (x_eager.grad[:, -1] == 0).all()  # the last position gets no gradient
+
+
+def test_chunked_lm_loss_trains_like_the_logits_loss(tmp_path):
+    """training.lm_loss="chunked" (the CUDA fast path's LM loss) gives the losses and weights
+    of the logits + cross-entropy path, on CPU in fp32."""
+    import torch as _torch
+
+    from moe_lab.training import MoETrainer
+
+    rows = [{"input_ids": _torch.randint(0, 97, (12,), generator=_torch.Generator().manual_seed(i)).tolist()}
+            for i in range(16)]
+    results = {}
+    for lm_loss in ("logits", "chunked"):
+        _torch.manual_seed(0)
+        trainer = MoETrainer(MoEModel.from_config(tiny_config()), lm_loss=lm_loss, mixed_precision=False,
+                             progress_bar=False, tensorboard=False, logging_steps=1, seed=0)
+        assert (trainer.settings.head_loss_fn is None) == (lm_loss == "logits")
+        res = trainer.train(rows, batch_size=4, max_steps=3, warmup_steps=1, learning_rate=1e-2,
+                            output_dir=str(tmp_path / lm_loss))
+        results[lm_loss] = (res.history["loss"], trainer.model.state_dict())
+    (a, wa), (b, wb) = results["logits"], results["chunked"]
+    assert a == pytest.approx(b, rel=1e-5)
+    for k in wa:  # relative error per tensor (Adam turns summation-order noise into single-element steps)
+        rel = float((wa[k].double() - wb[k].double()).norm() / wa[k].double().norm().clamp(min=1e-30))
+        assert rel <= 1e-5, f"{k}: relative error {rel:.1e}"
