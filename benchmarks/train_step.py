@@ -48,8 +48,20 @@ def make_batch(b: int, s: int, vocab: int, device: torch.device) -> Dict[str, to
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.clone().to(device)}
 
 
+def free_memory(device: torch.device) -> None:
+    """Drop what the previous row left (its model, optimizer and compiled graphs), so that
+    each row's peak memory is its own."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_moe_lab(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.device, fast: bool,
                   steps: int, warmup: int, lm_loss: str = "auto", profile: bool = False) -> Dict[str, Any]:
+    free_memory(device)
     torch.manual_seed(0)
     model = MoEModel.from_config(cfg)
     trainer = MoETrainer(model, device=str(device), mixed_precision=True, fast_paths=fast, progress_bar=False,
@@ -99,6 +111,8 @@ def bench_hf(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.devic
              steps: int, warmup: int, compiled: bool = False) -> Dict[str, Any]:
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    free_memory(device)
+
     hcfg = MixtralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
@@ -114,7 +128,7 @@ def bench_hf(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.devic
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = run(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            loss = run(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
