@@ -40,7 +40,11 @@ from .inference import DynamicExpertLoader, OptimizedMoEModel
 from .interop import (
     UnsupportedConversionError,
     export_hf_mixtral,
+    export_hf_qwen2_moe,
+    export_hf_qwen3_moe,
     import_hf_mixtral,
+    import_hf_qwen2_moe,
+    import_hf_qwen3_moe,
     upcycle,
 )
 from .model import (
@@ -135,7 +139,11 @@ __all__ = [
     "__version__",
     "collate_moe_batch",
     "export_hf_mixtral",
+    "export_hf_qwen2_moe",
+    "export_hf_qwen3_moe",
     "import_hf_mixtral",
+    "import_hf_qwen2_moe",
+    "import_hf_qwen3_moe",
     "load_pretrained_moe",
     "prepare_moe_dataset",
     "save_moe_checkpoint",

@@ -1,4 +1,5 @@
-"""``moe-lab export`` (to a transformers Mixtral directory) and ``moe-lab upcycle`` (dense -> MoE)."""
+"""``moe-lab export`` (to a transformers Mixtral, Qwen2-MoE or Qwen3-MoE directory) and
+``moe-lab upcycle`` (dense -> MoE)."""
 
 from __future__ import annotations
 
@@ -15,19 +16,19 @@ from ._app import app, fail, user_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="moe_lab checkpoint directory (or a job output directory with model/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="Target format: hf-mixtral.")] = "hf-mixtral",
+    format: Annotated[str, typer.Option("--format", "-f", help="Target format: hf-mixtral, hf-qwen2-moe (shared expert + gate) or hf-qwen3-moe (QK-norm).")] = "hf-mixtral",
     dtype: Annotated[Optional[str], typer.Option(help="Weights dtype: float32, bfloat16 or float16 (default: as saved).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
 ) -> None:
-    """Export a checkpoint for transformers (MixtralForCausalLM), with its tokenizer.
+    """Export a checkpoint for transformers (MixtralForCausalLM, Qwen2MoeForCausalLM or Qwen3MoeForCausalLM), with its tokenizer.
 
-    A model Mixtral cannot express (expert-choice or switch routing, capacity dropping, FFN experts, dense layers, router bias, unnormalised top-k weights) is refused, listing why.
+    A model the format cannot express (expert-choice or switch routing, capacity dropping, sigmoid or group-limited routing, FFN experts, router bias; for Mixtral also dense layers, unnormalised top-k weights, shared experts, QK-norm) is refused, listing why.
     """
-    from ..interop.hf_mixtral import FORMATS, export_hf_mixtral
+    from ..interop._formats import EXPORTERS, FORMATS
 
-    if format not in FORMATS:
+    if format not in EXPORTERS:
         raise fail(f"unknown --format {format!r}; supported formats: {', '.join(FORMATS)}")
-    path = export_hf_mixtral(checkpoint, out, dtype=dtype, overwrite=overwrite)
+    path = EXPORTERS[format](checkpoint, out, dtype=dtype, overwrite=overwrite)
     typer.echo(f"wrote {format} checkpoint to {path}")
     typer.echo(f"load it with: transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
 

@@ -61,3 +61,37 @@ def _tiny_mixtral(tmp_path, name="mixtral", seed=0, **overrides):
 @pytest.fixture
 def tiny_mixtral():
     return _tiny_mixtral
+
+
+def _tiny_qwen(tmp_path, model_type="qwen2_moe", name=None, seed=0, **overrides):
+    """A random Qwen2MoeForCausalLM / Qwen3MoeForCausalLM built and saved locally (no download),
+    with zero q/k/v biases (moe_lab has none); returns (dir, model)."""
+    import transformers
+
+    kwargs = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, rope_theta=10000.0,
+    )
+    if model_type == "qwen2_moe":
+        kwargs["shared_expert_intermediate_size"] = 16
+        config_cls, model_cls = transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM
+    else:
+        config_cls, model_cls = transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs))
+    _randomize(model, seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("proj.bias"):
+                p.zero_()
+    model.eval()
+    out = tmp_path / (name or model_type)
+    model.save_pretrained(out)
+    return out, model
+
+
+@pytest.fixture
+def tiny_qwen():
+    return _tiny_qwen

@@ -272,9 +272,9 @@ def test_import_refuses_tensors_it_has_no_place_for(tmp_path, tiny_mixtral):
 
 
 def test_other_transformers_model_types_get_a_clear_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_moe"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="model_type 'qwen2_moe'.*'mixtral'"):
+    with pytest.raises(CheckpointError, match="model_type 'deepseek_v3'.*'mixtral'"):
         load_pretrained_moe(tmp_path)
 
 

@@ -48,7 +48,9 @@ def test_unknown_format_exits_2_listing_formats(tmp_path):
     ckpt, _ = _ckpt(tmp_path)
     res = runner.invoke(app, ["export", str(ckpt), "--format", "gguf", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2
-    assert "unknown --format 'gguf'" in res.output and "hf-mixtral" in res.output
+    assert "unknown --format 'gguf'" in res.output
+    for name in ("hf-mixtral", "hf-qwen2-moe", "hf-qwen3-moe"):
+        assert name in res.output
     assert "Traceback" not in res.output and not (tmp_path / "x").exists()
 
 
@@ -59,6 +61,31 @@ def test_unsupported_config_exits_2_listing_every_reason(tmp_path):
     assert "cannot be exported as Mixtral" in res.output
     assert "layers [0, 2] dense" in res.output and "router_bias=True" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize(
+    "fmt, overrides, arch",
+    [
+        ("hf-qwen2-moe", {"num_shared_experts": 1, "shared_expert_gate": True}, "Qwen2MoeForCausalLM"),
+        ("hf-qwen3-moe", {"qk_norm": True}, "Qwen3MoeForCausalLM"),
+    ],
+)
+def test_export_writes_a_qwen_directory(tmp_path, fmt, overrides, arch):
+    ckpt, model = _ckpt(tmp_path, **overrides)
+    res = runner.invoke(app, ["export", str(ckpt), "--format", fmt, "--out", str(tmp_path / "hf")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [arch]
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    back = load_pretrained_moe(tmp_path / "hf")
+    assert back.config == model.config
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_qwen_refusal_exits_2_listing_every_reason(tmp_path):
+    ckpt, _ = _ckpt(tmp_path, router_bias=True)
+    res = runner.invoke(app, ["export", str(ckpt), "--format", "hf-qwen3-moe", "--out", str(tmp_path / "hf")])
+    assert res.exit_code == 2 and "cannot be exported as Qwen3-MoE" in res.output
+    assert "router_bias=True" in res.output and "qk_norm=False" in res.output and "Traceback" not in res.output
 
 
 def test_missing_checkpoint_exits_2(tmp_path):
