@@ -12,8 +12,16 @@ field given by both a flag and ``--set`` is an error). A Ray Serve config file (
 Ray's own ``serve run`` / ``serve deploy`` and KubeRay, not for ``--config``.
 
 Everything is validated before Ray starts, so a typo costs no cluster start-up: errors name
-the file, flag or key and exit with code 2. The command blocks until Ctrl-C (SIGINT) or
-SIGTERM, then deletes the app, stops Serve and the local Ray cluster, and exits 0.
+the file, flag or key and exit with code 2. The checkpoint too is opened here as the
+replicas will open it, without reading tensor data
+(:func:`~moe_lab.serving.preflight.check_servable_checkpoint`): truncated weights, a corrupt
+safetensors header, weights that do not match ``config.json``, an invalid or non-JSON
+``config.json`` or tokenizer files that do not load give one line and exit code 2, as
+``moe-lab evaluate`` does. A replica that fails at start-up anyway (no such device, out of
+memory) is reported by its root cause, on one line, with exit code 2.
+
+The command blocks until Ctrl-C (SIGINT) or SIGTERM, then deletes the app, stops Serve and
+the local Ray cluster, and exits 0.
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ def serve(
         "device": ("--device", device),
         "model_name": ("--model-name", model_name),
     }
-    args = resolve_checkpoint(load_serve_args(config, flags, set_ or []))
+    args = resolve_checkpoint(load_serve_args(config, flags, set_ or []))  # the checkpoint too: no Ray yet
     if args.api_key_env and not os.environ.get(args.api_key_env):
         where = "--api-key-env" if api_key_env else "api_key_env"
         raise ConfigError(f"{where} {args.api_key_env}: the environment variable {args.api_key_env} is not set")

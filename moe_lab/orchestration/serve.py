@@ -22,7 +22,8 @@ Routes (FastAPI ingress; errors in the OpenAI shape ``{"error": {"message", "typ
 - ``GET /v1/models``, ``GET /v1/stats`` (expert-cache stats, tokens served, requests, and
   ``monitor``: the live stats of the :class:`~moe_lab.analytics.ExpertMonitor` each replica
   attaches at start-up; the key is absent if it could not be attached, and holds
-  ``{"error": ...}`` if reading it fails), ``GET /healthz`` (no auth).
+  ``{"error": ...}`` if reading it fails), ``GET /healthz`` (no auth; with a key set it
+  names no model), ``GET /openapi.json`` and ``GET /docs`` (the schema and its Swagger page).
 
 Behaviour:
 
@@ -36,15 +37,28 @@ Behaviour:
   that Serve answers 503. A request that runs past ``request_timeout_s`` gets 504 (its rows
   stop decoding at the deadline).
 - With ``api_key_env`` set, the key is read from that environment variable in the replica
-  and every ``/v1`` route needs ``Authorization: Bearer <key>`` (401 otherwise).
+  and every route but ``/healthz`` needs ``Authorization: Bearer <key>`` (401 otherwise):
+  the ``/v1`` routes, ``/openapi.json`` and ``/docs``. :func:`start_server` also guards the
+  proxy's own ``/-/routes`` (:mod:`moe_lab.serving.proxy_guard`).
+- Request bodies: at most ``max_body_bytes``. A larger Content-Length gets 413 before the
+  body is read (at the proxy, and in the replica); a chunked body gets 413 as soon as what
+  arrived passes the limit.
 - Bad input gets a 4xx naming the field, never a 5xx: invalid JSON, wrong types, an empty
   or too long prompt, max_tokens <= 0 or above ``max_tokens_limit``, temperature < 0,
   top_p outside (0, 1], token ids outside the vocabulary, an unknown model (404).
+
+Start-up: :func:`app_builder` checks the checkpoint in the driver before anything of Ray
+runs (:func:`~moe_lab.serving.preflight.check_servable_checkpoint`). A replica that fails
+anyway (no such device, the key not set in the replica, out of memory) raises
+:class:`ReplicaStartupError` whose message is its root cause on one line;
+:func:`start_server` finds that line in Serve's deployment status and raises it in the
+driver, instead of Serve's "Failed to update the deployments" and its wrapper traceback.
 """
 
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,10 +69,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ..errors import ConfigError, MoEError
-from ..serving import protocol
+from ..errors import ConfigError, DistributedError, MoEError
+from ..serving import protocol, proxy_guard
 from ..serving.args import ServeArgs, resolve_checkpoint, serve_args_from
 from ..serving.batching import DecodeBatcher
+from ..serving.preflight import describe_exception
 from ..serving.protocol import APIError
 
 logger = logging.getLogger("moe_lab.serve")
@@ -66,7 +81,15 @@ logger = logging.getLogger("moe_lab.serve")
 #: the import path a Serve config file names
 APP_IMPORT_PATH = "moe_lab.orchestration.serve:app_builder"
 
-api = FastAPI(title="moe_lab completions", docs_url=None, redoc_url=None)
+# the schema and docs are routes of the deployment below, behind the key when one is set
+api = FastAPI(title="moe_lab completions", docs_url=None, redoc_url=None, openapi_url=None)
+
+#: what a replica's start-up failure says first; :func:`start_server` looks for it
+STARTUP_FAILURE = "moe_lab replica failed to start: "
+
+
+class ReplicaStartupError(DistributedError):
+    """A replica of the server failed in its constructor; the message is the root cause."""
 
 
 @api.exception_handler(APIError)
@@ -101,11 +124,17 @@ class MoECompletions:
     """One replica: an OptimizedMoEModel behind the OpenAI completions routes."""
 
     def __init__(self, args: Union[ServeArgs, Dict[str, Any]]) -> None:
+        try:
+            self._start(serve_args_from(args))
+        except Exception as exc:  # Serve wraps this in its traceback; the driver finds the line
+            raise ReplicaStartupError(STARTUP_FAILURE + describe_exception(exc, limit=1000)) from exc
+
+    def _start(self, args: ServeArgs) -> None:
         import torch
 
         from ..inference import OptimizedMoEModel
 
-        self.args = args = serve_args_from(args)
+        self.args = args
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
         self.api_key = _read_api_key(args.api_key_env)
@@ -146,7 +175,9 @@ class MoECompletions:
         from ..inference import CompletionRequest
 
         try:
-            body = protocol.parse_completion_request(await request.body(), model_name=self.args.model_name,
+            declared = protocol.content_length(request.headers.get("content-length"))
+            raw = await protocol.read_body(request.stream(), declared, self.args.max_body_bytes)
+            body = protocol.parse_completion_request(raw, model_name=self.args.model_name,
                                                      max_tokens_limit=self.args.max_tokens_limit)
             req = CompletionRequest(body.prompt, body.max_tokens, body.temperature, body.top_p, body.top_k,
                                     body.stop_sequences, body.seed)
@@ -189,7 +220,21 @@ class MoECompletions:
     # ---- routes -----------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> Dict[str, Any]:
+        if self.api_key is not None:  # open to every caller: it tells them nothing
+            return {"status": "ok"}
         return {"status": "ok", "model": self.args.model_name}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Any:
+        self._authorize(request)
+        return api.openapi()
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Any:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        self._authorize(request)
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title=api.title)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
@@ -243,19 +288,70 @@ class MoECompletions:
 def app_builder(args: Union[ServeArgs, Dict[str, Any]]) -> Any:
     """Build the Serve application from typed arguments (a dict is validated into ServeArgs).
 
-    Returns a bound ``serve.Application``; run it with ``serve.run(app, route_prefix="/")``.
-    Raises ConfigError for bad arguments or a directory that is not a checkpoint.
+    The checkpoint is checked first, in this process and before any Ray call
+    (:func:`~moe_lab.serving.preflight.check_servable_checkpoint`), so ``serve run`` and
+    ``serve deploy`` of a Serve config naming this builder refuse a broken checkpoint at once.
+
+    Returns a bound ``serve.Application``; run it with ``serve.run(app, route_prefix="/")``
+    (or :func:`deploy`, which reports a replica's start-up failure by its root cause).
+
+    Raises:
+        ConfigError: bad arguments (the message names the field).
+        CheckpointError: a checkpoint the replicas could not load (one line).
     """
-    args = resolve_checkpoint(serve_args_from(args))
+    args = resolve_checkpoint(serve_args_from(args))  # the checkpoint is checked here: no Ray yet
     actor: Dict[str, Any] = {"num_cpus": args.num_cpus_per_replica}
     if args.num_gpus_per_replica:
         actor["num_gpus"] = args.num_gpus_per_replica
+    options: Dict[str, Any] = {}
+    if args.replica_start_attempts is not None:
+        options["max_constructor_retry_count"] = args.replica_start_attempts
     return MoECompletions.options(
         num_replicas=args.num_replicas,
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         ray_actor_options=actor,
+        **options,
     ).bind(args)
+
+
+def startup_failure(messages: List[str]) -> Optional[str]:
+    """The root cause in Serve's status ``messages`` (the deployments' first, the app's last):
+    the line a replica's :class:`ReplicaStartupError` wrote, else the last line of the first
+    message (a traceback's exception), else None."""
+    for message in messages:
+        found = re.findall(re.escape(STARTUP_FAILURE) + r"(.+)", message)
+        if found:
+            return found[-1].strip()
+    for message in messages:
+        lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+        if lines:
+            return lines[-1]
+    return None
+
+
+def deploy(app: Any, name: str, route_prefix: str = "/", **run_options: Any) -> None:
+    """``serve.run(app)`` on a running Serve, with a failed deploy reported by its root cause.
+
+    Raises:
+        ReplicaStartupError: a replica failed to start (the message is its root cause, one line).
+    """
+    try:
+        serve.run(app, name=name, route_prefix=route_prefix, **run_options)
+    except RuntimeError as exc:
+        try:
+            status = serve.status().applications.get(name)
+        except Exception:  # the status is only there to explain the failure
+            status = None
+        if status is None:
+            raise
+        messages = [d.message for d in status.deployments.values() if d.message] + [status.message or ""]
+        cause = startup_failure(messages)
+        if cause is None:
+            raise
+        raise ReplicaStartupError(
+            f"the server did not start: {cause} (Serve's replica logs: the serve/ folder of Ray's session logs)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,20 +364,53 @@ APP_NAME = "moe-lab"
 def start_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None) -> str:
     """Start Ray (a local cluster unless ``address``), Serve's proxy on ``host:port`` and the app.
 
-    Returns the base URL. Raises ConfigError on bad arguments, MoEError when the app fails.
+    The checkpoint is checked before Ray starts. The proxy guards its own ``/-/routes`` with
+    the key and refuses a declared body over ``max_body_bytes``
+    (:mod:`moe_lab.serving.proxy_guard`; for a local cluster, which inherits this process's
+    environment).
+
+    Returns the base URL.
+
+    Raises:
+        ConfigError, CheckpointError: bad arguments or checkpoint (before Ray starts).
+        ReplicaStartupError: a replica failed to start; the message is its root cause.
     """
     from ray.serve.schema import LoggingConfig
 
     from .cluster import init_ray
 
     app = app_builder(args)  # validated before Ray starts
+    configure_proxy(args)
     init_ray(address=address, log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO chatter from the driver
     quiet = LoggingConfig(log_level="WARNING", enable_access_log=False)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": args.request_timeout_s + 30},
                 logging_config=quiet)
-    serve.run(app, name=APP_NAME, route_prefix="/", logging_config=quiet)
+    deploy(app, APP_NAME, route_prefix="/", logging_config=quiet)
     return f"http://{host}:{port}"
+
+
+_PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+
+
+def configure_proxy(args: ServeArgs) -> None:
+    """Point Serve's proxy at :func:`~moe_lab.serving.proxy_guard.proxy_middlewares`, with the
+    key and body limit of ``args``, through this process's environment: a local cluster
+    started after this call inherits it (a cluster joined with ``address`` does not; set the
+    same variables on its nodes, as ``cluster/rayservice.yaml`` does)."""
+    callback = "moe_lab.serving.proxy_guard:proxy_middlewares"
+    if os.environ.get(_PROXY_CALLBACK, callback) != callback:
+        logger.warning("%s is set by the user: /-/routes is not guarded by the API key", _PROXY_CALLBACK)
+        return
+    os.environ[_PROXY_CALLBACK] = callback
+    # the proxy imports moe_lab (and torch with it) for the guard before it reports ready;
+    # Serve's 5 s readiness check would kill it on a busy machine
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+    os.environ[proxy_guard.MAX_BODY_VAR] = str(args.max_body_bytes)
+    if args.api_key_env:
+        os.environ[proxy_guard.KEY_ENV_VAR] = args.api_key_env
+    else:
+        os.environ.pop(proxy_guard.KEY_ENV_VAR, None)
 
 
 def block_until_signal() -> str:

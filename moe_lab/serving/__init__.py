@@ -4,7 +4,10 @@
   OpenAI-style errors for ``/v1/completions``, ``/v1/models`` and ``/v1/stats``;
 - :mod:`.args`: :class:`ServeArgs`, the server's settings, and :func:`load_serve_args`
   (a YAML file, flags and ``--set key=value``, as ``moe-lab serve`` takes them);
-- :mod:`.batching`: :class:`DecodeBatcher`, dynamic batching onto the one model thread.
+- :mod:`.batching`: :class:`DecodeBatcher`, dynamic batching onto the one model thread;
+- :mod:`.preflight`: the driver's check of a checkpoint before Ray starts;
+- :mod:`.proxy_guard`: what Serve's HTTP proxy checks before routing (the key on
+  ``/-/routes``, a declared body over ``max_body_bytes``).
 
 The Ray Serve deployment that puts them together is :mod:`moe_lab.orchestration.serve`.
 """

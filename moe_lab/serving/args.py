@@ -2,7 +2,7 @@
 
     args = ServeArgs(checkpoint="outputs/demo/model", max_batch_size=16)
     args = load_serve_args("jobs/serve.yaml", overrides=["max_batch_size=16"])  # as `moe-lab serve` does
-    args = resolve_checkpoint(args)      # absolute path; ConfigError unless it is a checkpoint
+    args = resolve_checkpoint(args)      # absolute path; CheckpointError unless the replicas can load it
 
 Where the fields are written down: ``jobs/serve.yaml`` (every field, for ``moe-lab serve
 --config``) and the ``args:`` of the application in ``cluster/rayservice.yaml`` (a Ray
@@ -41,11 +41,14 @@ class ServeArgs(BaseModel):
     max_queued_requests: int = Field(128, ge=-1, description="requests waiting beyond that (-1: unbounded); then 503")
     request_timeout_s: float = Field(60.0, gt=0, description="per request; then 504")
     max_tokens_limit: int = Field(256, ge=1, description="largest max_tokens a request may ask for")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body in bytes (1 MiB); larger ones get 413")
     api_key_env: Optional[str] = Field(None, min_length=1, description="env var holding the API key (unset: no auth)")
     num_replicas: int = Field(1, ge=1, description="model replicas")
     num_cpus_per_replica: float = Field(1.0, ge=0, description="Ray CPUs per replica")
     num_gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per replica")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per replica")
+    replica_start_attempts: Optional[int] = Field(
+        None, ge=1, description="failed replica starts before the deploy gives up (null: Serve's, 3 per replica)")
 
     @field_validator("eviction_policy")
     @classmethod
@@ -143,11 +146,16 @@ def load_serve_args(config: Union[str, os.PathLike, None] = None,
 
 def resolve_checkpoint(args: ServeArgs) -> ServeArgs:
     """A copy of ``args`` with an absolute checkpoint path (a relative one is taken from the
-    current directory); ConfigError unless it holds config.json and model.safetensors."""
-    ckpt = Path(args.checkpoint).expanduser()
-    if not (ckpt / "config.json").is_file() or not (ckpt / "model.safetensors").is_file():
-        raise ConfigError(f"checkpoint: {args.checkpoint!r} is not a checkpoint directory (config.json + model.safetensors)")
-    return args.model_copy(update={"checkpoint": str(ckpt.resolve())})
+    current directory), checked as the replicas will load it but without reading tensor data
+    (:func:`~moe_lab.serving.preflight.check_servable_checkpoint`).
+
+    Raises:
+        CheckpointError: the directory is not a checkpoint the server can load (one line
+            naming the file and the problem).
+    """
+    from .preflight import check_servable_checkpoint
+
+    return args.model_copy(update={"checkpoint": str(check_servable_checkpoint(args.checkpoint))})
 
 
 def serve_args_from(args: Union[ServeArgs, Mapping[str, Any]], source: str = "serve args") -> ServeArgs:

@@ -48,7 +48,8 @@ MAX_STOP_SEQUENCES = 4
 #: the last frame of every SSE stream
 SSE_DONE = "data: [DONE]\n\n"
 
-_ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found", 503: "overloaded", 504: "timeout"}
+_ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large", 503: "overloaded",
+                504: "timeout"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,6 +112,48 @@ def check_api_key(authorization: Optional[str], api_key: Optional[str]) -> None:
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
         raise unauthorized()
+
+
+def body_too_large(max_body_bytes: int, size: Optional[int] = None) -> APIError:
+    """The 413 of a body over ``max_body_bytes`` (``size``: its Content-Length, when it said).
+
+    It asks the client to close the connection: the rest of the body is never read."""
+    said = "" if size is None else f" ({size} bytes)"
+    return APIError(413, f"body: the request body{said} is larger than this server's max_body_bytes={max_body_bytes}",
+                    type="invalid_request_error", headers={"Connection": "close"})
+
+
+def content_length(value: Optional[str]) -> Optional[int]:
+    """The Content-Length header as a number (None when absent); a 400 when it is not one."""
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise APIError(400, f"Content-Length: expected a number of bytes, got {value!r}")
+    return int(value)
+
+
+async def read_body(chunks: AsyncIterator[bytes], declared: Optional[int], max_body_bytes: int) -> bytes:
+    """The request body from its ``chunks``, read only while it stays within ``max_body_bytes``.
+
+    Args:
+        chunks: the body as it arrives (Starlette's ``request.stream()``).
+        declared: the Content-Length (None for a chunked body).
+        max_body_bytes: the limit.
+
+    Raises:
+        APIError: 413 before a chunk is read when ``declared`` is over the limit, or as soon
+            as the chunks received pass it (a chunked body, or one longer than it said).
+    """
+    if declared is not None and declared > max_body_bytes:
+        raise body_too_large(max_body_bytes, declared)
+    parts: List[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise body_too_large(max_body_bytes)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,9 +38,7 @@ FORMAT_OWNERS = {
 #: TEMPORARY: the trainer, the orchestration layer and the serving layer still name checkpoint
 #: files themselves. The lead engineer converts them to moe_lab.checkpoint and removes these
 #: entries (test_temporary_exceptions_are_still_needed says when one is no longer needed).
-TEMPORARY = {
-    "moe_lab/serving/args.py": "checks a served directory for config.json + model.safetensors (Checkpoint.open)",
-}
+TEMPORARY: dict = {}
 
 
 def _allowed(rel: str) -> bool:
@@ -103,11 +101,8 @@ def test_no_module_outside_the_checkpoint_package_reads_checkpoint_files():
     assert not offenders, "read checkpoint files through moe_lab.checkpoint.Checkpoint:\n" + "\n".join(offenders)
 
 
-@pytest.mark.parametrize("rel", sorted(TEMPORARY))
-def test_temporary_exceptions_are_still_needed(rel):
-    """An exception that no longer reads anything should be removed from TEMPORARY."""
-    paths = [p for p in [ROOT / rel] if p.is_file()]
-    if not paths:
-        pytest.skip(f"{rel} does not exist any more: remove it from TEMPORARY")
-    if not any(direct_reads(p.read_text(encoding="utf-8")) for p in paths):
-        pytest.fail(f"{rel} no longer reads checkpoint files: remove it from TEMPORARY")
+def test_temporary_exceptions_are_still_needed():
+    """An exception that no longer reads anything (or no longer exists) is removed from TEMPORARY."""
+    stale = [rel for rel in sorted(TEMPORARY)
+             if not (ROOT / rel).is_file() or not direct_reads((ROOT / rel).read_text(encoding="utf-8"))]
+    assert not stale, f"remove from TEMPORARY (they no longer read checkpoint files): {stale}"

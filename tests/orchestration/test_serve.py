@@ -3,15 +3,20 @@
 One local Ray cluster and one Serve instance for the whole module (on a free port), with
 three apps from the same builder:
 
-- ``/``        the default app (auth off, max_tokens_limit 32);
-- ``/secured`` the same with ``api_key_env`` (auth on);
+- ``/``        the default app (auth off, max_tokens_limit 32, max_body_bytes 64 KiB);
+- ``/secured`` the same with ``api_key_env`` (auth on) and max_body_bytes 4 KiB;
 - ``/tight``   max_ongoing_requests=1, max_queued_requests=1 and a 0.05 s request timeout.
+
+Serve's proxy runs moe_lab's proxy guard as ``moe-lab serve`` sets it up
+(:func:`configure_proxy`): ``/-/routes`` needs the key, a Content-Length over 64 KiB gets 413.
 """
 
 import concurrent.futures
+import http.client
 import json
 import os
 import socket
+import time
 
 import pytest
 import requests
@@ -23,12 +28,14 @@ from ray import serve  # noqa: E402
 from moe_lab import MoEModel, OptimizedMoEModel  # noqa: E402
 from moe_lab.data import ByteTokenizer  # noqa: E402
 from moe_lab.inference import CompletionRequest  # noqa: E402
-from moe_lab.orchestration.serve import app_builder  # noqa: E402
+from moe_lab.orchestration.serve import ReplicaStartupError, app_builder, configure_proxy, deploy  # noqa: E402
 from moe_lab.serving import ServeArgs  # noqa: E402
 from moe_lab.checkpoint import write_checkpoint  # noqa: E402
 
 KEY_ENV = "MOE_LAB_TEST_SERVE_KEY"
 KEY = "s3cret-test-key"
+PROXY_LIMIT = 64 * 1024  # max_body_bytes of the proxy and of the default app
+SECURED_LIMIT = 4 * 1024  # of /secured: a body between the two passes the proxy, the replica refuses it
 
 
 def _free_port() -> int:
@@ -49,23 +56,27 @@ def _tiny_checkpoint(path):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = _tiny_checkpoint(tmp_path_factory.mktemp("serve") / "model")
+    saved = dict(os.environ)
     os.environ[KEY_ENV] = KEY  # replicas of a local cluster inherit the driver's environment
     port = _free_port()
+    base = dict(checkpoint=str(ckpt), max_experts_in_memory=2, max_tokens_limit=32, num_cpus_per_replica=0.5,
+                torch_threads=1, max_batch_size=8, batch_wait_timeout_s=0.01, max_body_bytes=PROXY_LIMIT)
+    configure_proxy(ServeArgs(**base, api_key_env=KEY_ENV))  # before the cluster: its proxy inherits it
     ray.init("local", num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
              log_to_driver=False, logging_level="WARNING")
-    base = dict(checkpoint=str(ckpt), max_experts_in_memory=2, max_tokens_limit=32, num_cpus_per_replica=0.5,
-                torch_threads=1, max_batch_size=8, batch_wait_timeout_s=0.01)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app_builder(ServeArgs(**base)), name="main", route_prefix="/")
-        serve.run(app_builder(ServeArgs(**base, api_key_env=KEY_ENV)), name="secured", route_prefix="/secured")
+        secured = {**base, "api_key_env": KEY_ENV, "max_body_bytes": SECURED_LIMIT}
+        serve.run(app_builder(ServeArgs(**secured)), name="secured", route_prefix="/secured")
         tight = {**base, "max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 0.05}
         serve.run(app_builder(ServeArgs(**tight)), name="tight", route_prefix="/tight")
-        yield {"url": f"http://127.0.0.1:{port}", "ckpt": ckpt}
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "ckpt": ckpt, "base": base}
     finally:
         serve.shutdown()
         ray.shutdown()
-        os.environ.pop(KEY_ENV, None)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _post(server, body, prefix="", headers=None, timeout=60):
@@ -88,7 +99,7 @@ def test_binds_loopback_only(server):
 
 def test_healthz_and_models(server):
     r = requests.get(f"{server['url']}/healthz", timeout=30)
-    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": "moe-lab"}
     models = requests.get(f"{server['url']}/v1/models", timeout=30).json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["moe-lab"]
     assert models["data"][0]["max_model_len"] == 64
@@ -265,3 +276,85 @@ def test_backpressure_503_and_timeout_504(server):
     r = _post(server, body, "/tight")
     assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
     assert _healthy(server, "/tight") and _healthy(server)
+
+
+def test_with_a_key_schema_docs_and_routes_need_it_and_healthz_names_no_model(server):
+    ok = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/secured/openapi.json", "/secured/docs", "/-/routes"):
+        r = requests.get(f"{server['url']}{path}", timeout=30)
+        assert r.status_code == 401, (path, r.status_code, r.text)
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert requests.get(f"{server['url']}{path}", headers={"Authorization": "Bearer nope"},
+                            timeout=30).status_code == 401
+    schema = requests.get(f"{server['url']}/secured/openapi.json", headers=ok, timeout=30)
+    assert schema.status_code == 200 and "/v1/completions" in schema.json()["paths"]
+    docs = requests.get(f"{server['url']}/secured/docs", headers=ok, timeout=30)
+    assert docs.status_code == 200 and "/secured/openapi.json" in docs.text  # Swagger reads the mounted schema
+    routes = requests.get(f"{server['url']}/-/routes", headers=ok, timeout=30)
+    assert routes.status_code == 200 and routes.json()["/secured"] == "secured"
+    health = requests.get(f"{server['url']}/secured/healthz", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert "moe-lab" not in health.text
+    # without a key the schema is open; the proxy's own health check stays open
+    assert requests.get(f"{server['url']}/openapi.json", timeout=30).status_code == 200
+    assert requests.get(f"{server['url']}/-/healthz", timeout=30).status_code == 200
+
+
+def _post_raw(server, path, headers, body=b"", chunks=()):
+    """POST with the given headers and only ``body`` (or the ``chunks``, chunked, without the
+    terminating chunk): the server must answer without waiting for more."""
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        for k, v in {"Content-Type": "application/json", **headers}.items():
+            conn.putheader(k, v)
+        conn.endheaders(body or None)
+        for chunk in chunks:
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        start = time.monotonic()
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read()), time.monotonic() - start
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("prefix, declared", [
+    ("", 100 * 1024**2),  # refused by the proxy: 100 MB declared, one byte sent
+    ("/secured", 10 * 1024),  # passes the proxy's 64 KiB; the replica's 4 KiB refuses it
+])
+def test_declared_body_over_the_limit_is_413_before_it_is_sent(server, prefix, declared):
+    headers = {"Content-Length": str(declared), "Authorization": f"Bearer {KEY}"}
+    status, body, waited = _post_raw(server, f"{prefix}/v1/completions", headers, body=b"{")
+    assert status == 413 and body["error"]["code"] == "request_too_large", body
+    assert "max_body_bytes" in body["error"]["message"] and waited < 20
+    assert _healthy(server, prefix)
+
+
+def test_chunked_body_over_the_limit_is_413_as_soon_as_it_passes(server):
+    chunks = [b" " * 16 * 1024] * (PROXY_LIMIT // (16 * 1024) + 1)  # one chunk past the limit, no end
+    status, body, _ = _post_raw(server, "/v1/completions", {"Transfer-Encoding": "chunked"}, chunks=chunks)
+    assert status == 413 and f"max_body_bytes={PROXY_LIMIT}" in body["error"]["message"], body
+    # at the limit, chunked or not, the body is read and validated as usual
+    padded = json.dumps({"prompt": "ok", "max_tokens": 2, "pad": "x" * 1000}).encode()
+    r = requests.post(f"{server['url']}/v1/completions", data=iter([padded[:500], padded[500:]]), timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    big = {"prompt": "x", "pad": "y" * (SECURED_LIMIT + 10)}
+    r = _post(server, big, "/secured", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413
+    assert _post(server, big, "/secured").status_code == 401  # the key is checked before the body is read
+
+
+def test_replica_failing_at_start_up_reports_its_root_cause(server):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (the replica asks for cuda:0)")
+    app = app_builder(ServeArgs(**{**server["base"], "device": "cuda:0", "replica_start_attempts": 1}))
+    try:
+        with pytest.raises(ReplicaStartupError) as info:
+            deploy(app, "broken", route_prefix="/broken")
+    finally:
+        serve.delete("broken")
+    message = str(info.value)
+    assert "\n" not in message and "Failed to update" not in message and "Traceback" not in message
+    assert "ConfigError: device_map='cuda:0' but CUDA is not available on this machine" in message, message
+    assert _healthy(server)  # the other apps keep serving

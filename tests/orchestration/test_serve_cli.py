@@ -170,3 +170,24 @@ def test_real_server_from_config_file_stops_on_sigterm(ckpt, tmp_path):
         out = server.stop(signal.SIGTERM)
     assert server.proc.returncode == 0 and "SIGTERM: shutting down" in out, out[-3000:]
     assert "Started Serve" not in out  # quiet: no INFO chatter
+
+
+@pytest.mark.slow
+def test_replica_failing_at_start_up_is_one_line_and_exit_2(ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (the replica asks for cuda:0)")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "moe_lab", "serve", str(ckpt), "--port", str(port), "--device", "cuda:0",
+           "--set", "num_cpus_per_replica=0.5", "--set", "replica_start_attempts=1"]
+    server = _Server(cmd)
+    try:
+        server.proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise
+    server.reader.join(timeout=10)
+    out = server.output
+    assert server.proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "Failed to update the deployments" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert "device_map='cuda:0' but CUDA is not available on this machine" in last, out[-3000:]

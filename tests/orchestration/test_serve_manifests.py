@@ -13,7 +13,8 @@ import yaml
 pytest.importorskip("ray")
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from moe_lab import ConfigError  # noqa: E402
+from moe_lab import ConfigError, MoEModel  # noqa: E402
+from moe_lab.checkpoint import write_checkpoint  # noqa: E402
 from moe_lab.orchestration.serve import APP_IMPORT_PATH  # noqa: E402
 from moe_lab.serving import ServeArgs, load_serve_args, resolve_checkpoint  # noqa: E402
 
@@ -48,9 +49,9 @@ def test_rayservice_args_are_the_same_fields_as_jobs_serve_yaml():
 
 def test_load_serve_args_resolves_and_validates(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text("{}")
-    (ckpt / "model.safetensors").write_bytes(b"")
+    model = MoEModel(vocab_size=259, hidden_size=16, num_layers=1, num_attention_heads=2, num_experts=2,
+                     experts_per_token=1, expert_hidden_size=16, max_position_embeddings=32, dropout=0.0)
+    write_checkpoint(ckpt, model.config, model.state_dict())
     raw = yaml.safe_load((ROOT / "jobs/serve.yaml").read_text())
     raw["checkpoint"] = "ckpt"  # relative to the current directory
     cfg = tmp_path / "serve.yaml"
@@ -98,3 +99,27 @@ def test_rayservice_manifest():
     # the checkpoint path lives on the mounted models volume
     mounts = [m["mountPath"] for m in g["template"]["spec"]["containers"][0]["volumeMounts"]]
     assert any(args.checkpoint.startswith(m) for m in mounts)
+
+
+def test_rayservice_proxies_are_guarded_like_moe_lab_serve(monkeypatch):
+    """Each pod's Serve proxy loads moe_lab's proxy guard with the app's key and body limit."""
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+    from ray.serve._private.utils import call_function_from_import_path
+
+    svc = _rayservice()
+    args = ServeArgs.model_validate(_app_args(ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))))
+    cluster = svc["spec"]["rayClusterConfig"]
+    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    containers += [g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["MOE_LAB_SERVE_KEY_ENV"]["value"] == args.api_key_env
+        assert "secretKeyRef" in env[args.api_key_env]["valueFrom"]  # the proxy can read the key
+        assert int(env["MOE_LAB_SERVE_MAX_BODY_BYTES"]["value"]) == args.max_body_bytes
+        for name in ("MOE_LAB_SERVE_KEY_ENV", "MOE_LAB_SERVE_MAX_BODY_BYTES"):
+            monkeypatch.setenv(name, env[name]["value"])
+        monkeypatch.setenv(args.api_key_env, "k")
+        # what Serve's proxy does with the callback at start-up
+        (guard,) = validate_http_proxy_callback_return(
+            call_function_from_import_path(env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]["value"]))
+        assert guard.kwargs == {"api_key": "k", "max_body_bytes": args.max_body_bytes}

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from moe_lab import ConfigError
+from moe_lab.errors import CheckpointError
 from moe_lab.serving.args import ServeArgs, load_serve_args, resolve_checkpoint, serve_args_from
 
 
@@ -69,16 +70,17 @@ def test_file_errors(cfg, tmp_path):
         load_serve_args(cfg(serve_config))
 
 
-def test_resolve_checkpoint(tmp_path, monkeypatch):
+def test_resolve_checkpoint_refuses_what_is_not_a_checkpoint(tmp_path, monkeypatch):
+    # a good checkpoint resolves to an absolute path: tests/serving/test_preflight.py
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="'ckpt' is not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="has no config.json"):
         resolve_checkpoint(ServeArgs(checkpoint="ckpt"))
     (ckpt / "config.json").write_text("{}")
-    (ckpt / "model.safetensors").write_bytes(b"")
-    args = resolve_checkpoint(ServeArgs(checkpoint="ckpt", max_batch_size=3))
-    assert args.checkpoint == str(ckpt.resolve()) and args.max_batch_size == 3
+    (ckpt / "model.safetensors").write_bytes(b"")  # names alone are not enough
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        resolve_checkpoint(ServeArgs(checkpoint="ckpt"))
 
 
 def test_serve_args_from_a_mapping():
