@@ -6,21 +6,12 @@
     trainer = MoETrainer(model)
     trainer.train(dataset)   # a datasets.Dataset with a "text" column, a list of strings, or token blocks
 
-Every public name of the API reference imports from here. ``import moe_lab`` does not import
-Ray: :class:`DistributedMoETrainer` (the Ray Train launcher) is imported on first use.
+Every public name of the API reference imports from here. ``import moe_lab`` imports neither
+torch nor Ray: each name is imported from its module on first use (PEP 562).
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .analytics import (
-    ExpertMonitor,
-    MonitoringStats,
-    RouterAnalyzer,
-    RoutingAnalysis,
-    TrainingVisualizer,
-)
-from .config import MoEConfig, TrainingConfig
-from .data import collate_moe_batch, prepare_moe_dataset
 from .constants import (
     DEFAULT_EXPERTS_PER_TOKEN,
     DEFAULT_HIDDEN_SIZE,
@@ -36,48 +27,117 @@ from .errors import (
     MoEError,
     RouterError,
 )
-from .inference import DynamicExpertLoader, OptimizedMoEModel
-from .interop import (
-    UnsupportedConversionError,
-    export_hf_mixtral,
-    export_hf_qwen2_moe,
-    export_hf_qwen3_moe,
-    import_hf_mixtral,
-    import_hf_qwen2_moe,
-    import_hf_qwen3_moe,
-    upcycle,
+from .version import (
+    __version__,
 )
-from .model import (
-    ExpertChoiceRouter,
-    FeedForwardExpert,
-    GLUExpert,
-    GroupedExperts,
-    MoELayer,
-    MoEModel,
-    SwitchRouter,
-    TopKRouter,
-)
-from .parallel import ExpertParallelism
-from .types import (
-    ActivationType,
-    ExpertOutputs,
-    ExpertType,
-    ExpertWeights,
-    RouterType,
-    RoutingInfo,
-    TrainingMetrics,
-)
-from .training import (
-    EvalResult,
-    MoETrainer,
-    TrainingResult,
-    load_pretrained_moe,
-    save_moe_checkpoint,
-)
-from .version import __version__
 
-#: names imported on first use (PEP 562), so that ``import moe_lab`` does not import Ray
-_LAZY = {"DistributedMoETrainer": "moe_lab.orchestration.train"}
+#: every other public name, imported from its module on first use (PEP 562): ``import moe_lab``
+#: imports neither torch nor Ray, so light processes (Serve's HTTP proxy loading
+#: :mod:`moe_lab.serving.proxy_guard`, ``moe-lab --help``) stay light
+_LAZY = {
+    "ExpertMonitor": "moe_lab.analytics",
+    "MonitoringStats": "moe_lab.analytics",
+    "RouterAnalyzer": "moe_lab.analytics",
+    "RoutingAnalysis": "moe_lab.analytics",
+    "TrainingVisualizer": "moe_lab.analytics",
+    "MoEConfig": "moe_lab.config",
+    "TrainingConfig": "moe_lab.config",
+    "collate_moe_batch": "moe_lab.data",
+    "prepare_moe_dataset": "moe_lab.data",
+    "DynamicExpertLoader": "moe_lab.inference",
+    "OptimizedMoEModel": "moe_lab.inference",
+    "UnsupportedConversionError": "moe_lab.interop",
+    "export_hf_mixtral": "moe_lab.interop",
+    "export_hf_qwen2_moe": "moe_lab.interop",
+    "export_hf_qwen3_moe": "moe_lab.interop",
+    "import_hf_mixtral": "moe_lab.interop",
+    "import_hf_qwen2_moe": "moe_lab.interop",
+    "import_hf_qwen3_moe": "moe_lab.interop",
+    "upcycle": "moe_lab.interop",
+    "ExpertChoiceRouter": "moe_lab.model",
+    "FeedForwardExpert": "moe_lab.model",
+    "GLUExpert": "moe_lab.model",
+    "GroupedExperts": "moe_lab.model",
+    "MoELayer": "moe_lab.model",
+    "MoEModel": "moe_lab.model",
+    "SwitchRouter": "moe_lab.model",
+    "TopKRouter": "moe_lab.model",
+    "ExpertParallelism": "moe_lab.parallel",
+    "ActivationType": "moe_lab.types",
+    "ExpertOutputs": "moe_lab.types",
+    "ExpertType": "moe_lab.types",
+    "ExpertWeights": "moe_lab.types",
+    "RouterType": "moe_lab.types",
+    "RoutingInfo": "moe_lab.types",
+    "TrainingMetrics": "moe_lab.types",
+    "EvalResult": "moe_lab.training",
+    "MoETrainer": "moe_lab.training",
+    "TrainingResult": "moe_lab.training",
+    "load_pretrained_moe": "moe_lab.training",
+    "save_moe_checkpoint": "moe_lab.training",
+    "DistributedMoETrainer": "moe_lab.orchestration.train",
+}
+
+if TYPE_CHECKING:  # what static analysis and IDEs see
+    from .analytics import (
+        ExpertMonitor,
+        MonitoringStats,
+        RouterAnalyzer,
+        RoutingAnalysis,
+        TrainingVisualizer,
+    )
+    from .config import (
+        MoEConfig,
+        TrainingConfig,
+    )
+    from .data import (
+        collate_moe_batch,
+        prepare_moe_dataset,
+    )
+    from .inference import (
+        DynamicExpertLoader,
+        OptimizedMoEModel,
+    )
+    from .interop import (
+        UnsupportedConversionError,
+        export_hf_mixtral,
+        export_hf_qwen2_moe,
+        export_hf_qwen3_moe,
+        import_hf_mixtral,
+        import_hf_qwen2_moe,
+        import_hf_qwen3_moe,
+        upcycle,
+    )
+    from .model import (
+        ExpertChoiceRouter,
+        FeedForwardExpert,
+        GLUExpert,
+        GroupedExperts,
+        MoELayer,
+        MoEModel,
+        SwitchRouter,
+        TopKRouter,
+    )
+    from .parallel import (
+        ExpertParallelism,
+    )
+    from .types import (
+        ActivationType,
+        ExpertOutputs,
+        ExpertType,
+        ExpertWeights,
+        RouterType,
+        RoutingInfo,
+        TrainingMetrics,
+    )
+    from .training import (
+        EvalResult,
+        MoETrainer,
+        TrainingResult,
+        load_pretrained_moe,
+        save_moe_checkpoint,
+    )
+    from .orchestration.train import DistributedMoETrainer
 
 
 def __getattr__(name: str) -> Any:
