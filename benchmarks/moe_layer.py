@@ -98,7 +98,7 @@ def _check(shape: Tuple[int, ...], name: str, out: torch.Tensor, ref: torch.Tens
 
 
 def run_shape(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype, iters: int, warmup: int,
-              compare_hf: bool, profile: bool, use_compile: bool) -> List[Dict[str, object]]:
+              compare_hf: bool, profile: bool, use_compile: bool, torchtitan: bool = False) -> List[Dict[str, object]]:
     t, h, f, e, k = shape
     flops = 18 * t * k * h * f
     x = torch.randn(1, t, h, device=device, dtype=dtype, requires_grad=True)
@@ -145,6 +145,12 @@ def run_shape(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype, 
             dense_s = secs
         rows.append({"shape": shape, "name": name, "ms": secs * 1e3, "tflops": flops / secs / 1e12,
                      "vs_dense": dense_s / secs, "rel_err": rel_err})
+    if torchtitan:  # torchtitan's MoE module, compiled as torchtitan compiles it (benchmarks/titan_peer.py)
+        from titan_peer import bench_torchtitan_moe
+
+        secs = bench_torchtitan_moe(t, h, f, e, k, device, iters, warmup)["seconds"]
+        rows.append({"shape": shape, "name": "torchtitan 0.3.0 MoE", "ms": secs * 1e3, "tflops": flops / secs / 1e12,
+                     "vs_dense": dense_s / secs, "rel_err": None})
     if profile and device.type == "cuda" and compiled is not None:
         from torch.profiler import ProfilerActivity, profile as prof
 
@@ -172,6 +178,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the torch.compile'd layer (default: on CUDA only)")
+    p.add_argument("--torchtitan", action="store_true", help="also time torchtitan 0.3.0's MoE module")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -187,7 +194,7 @@ def main() -> None:
     print(f"{'shape (T,H,F,E,K)':<28}{'implementation':<30}{'ms':>9}{'TFLOP/s':>10}{'vs dense':>10}{'rel err':>10}")
     for shape in shapes:
         use_compile = args.compile if args.compile is not None else device.type == "cuda"
-        for r in run_shape(shape, device, dtype, iters, warmup, compare_hf, args.profile, use_compile):
+        for r in run_shape(shape, device, dtype, iters, warmup, compare_hf, args.profile, use_compile, args.torchtitan):
             err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
             print(f"{str(r['shape']):<28}{r['name']:<30}{r['ms']:>9.3f}{r['tflops']:>10.1f}{r['vs_dense']:>9.0%}{err:>10}")
 

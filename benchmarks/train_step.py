@@ -6,6 +6,8 @@
 Default size: vocab 50257, hidden 768, 12 layers, 12 heads, 8 experts top-2, ffn 3072,
 batch 8 x 1024 tokens, bf16 autocast, fused AdamW, grad clipping. Candidates:
 - transformers ``MixtralForCausalLM`` with the ``grouped_mm`` and ``eager`` experts backends;
+- torchtitan 0.3.0's Qwen3-MoE at the same shape with its own single-GPU settings, compiled
+  and with its default CUDA graph of forward+backward (``--torchtitan``; benchmarks/titan_peer.py);
 - moe_lab ``moe_lab.training.train_step`` (the exact step ``moe-lab train`` runs) with the fast
   paths (compiled decoder layers) and without them.
 Each reports tokens/s, peak memory, and MFU against the card's dense bf16 peak (989 TFLOP/s
@@ -60,12 +62,16 @@ def free_memory(device: torch.device) -> None:
 
 
 def bench_moe_lab(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.device, fast: bool,
-                  steps: int, warmup: int, lm_loss: str = "auto", profile: bool = False) -> Dict[str, Any]:
+                  steps: int, warmup: int, lm_loss: str = "auto", profile: bool = False,
+                  compile_mode: str = "default") -> Dict[str, Any]:
     free_memory(device)
     torch.manual_seed(0)
     model = MoEModel.from_config(cfg)
     trainer = MoETrainer(model, device=str(device), mixed_precision=True, fast_paths=fast, progress_bar=False,
                          tensorboard=False, seed=0, lm_loss=lm_loss)
+    if fast and compile_mode != "default":  # an experiment: the fast paths' layers in another compile mode
+        for layer in trainer.model.layers:
+            layer.compile(dynamic=False, mode=compile_mode)
     trainer.setup_optimizer(3e-4, 10, 1000)
 
     def step() -> float:  # the public step moe-lab train runs, with the trainer's settings
@@ -160,6 +166,11 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-eager", action="store_true", help="skip moe_lab without fast paths")
     p.add_argument("--profile", action="store_true", help="print the top kernels of moe_lab's fastest step")
+    p.add_argument("--torchtitan", action="store_true",
+                   help="also time torchtitan 0.3.0's Qwen3-MoE at this shape with its single-GPU settings "
+                        "(compiled, then its CUDA-graph default; benchmarks/titan_peer.py)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time the fast paths with the layers compiled in mode reduce-overhead (CUDA graphs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -191,11 +202,22 @@ def main() -> None:
         if device.type == "cuda":
             add("transformers Mixtral (grouped_mm, compiled)",
                 bench_hf(cfg, batch, device, "grouped_mm", steps, warmup, compiled=True))
+    if args.torchtitan:
+        from titan_peer import bench_torchtitan_train  # benchmarks/ is on sys.path when run as a script
+
+        add("torchtitan 0.3.0 Qwen3-MoE (compiled, FSDP2 bf16)",
+            bench_torchtitan_train(cfg, batch, device, steps, warmup, cuda_graph=False))
+        if device.type == "cuda":
+            add("torchtitan 0.3.0 (its default: + CUDA graph)",
+                bench_torchtitan_train(cfg, batch, device, steps, warmup, cuda_graph=True))
     if not args.skip_eager:
         add("moe_lab trainer (eager)", bench_moe_lab(cfg, batch, device, False, steps, warmup))
     add("moe_lab trainer (fast paths, logits CE)", bench_moe_lab(cfg, batch, device, True, steps, warmup, lm_loss="logits"))
     add("moe_lab trainer (fast paths, chunked CE)",
         bench_moe_lab(cfg, batch, device, True, steps, warmup, lm_loss="chunked", profile=args.profile))
+    if args.cuda_graphs and device.type == "cuda":
+        add("moe_lab (fast paths, chunked CE, layers reduce-overhead)",
+            bench_moe_lab(cfg, batch, device, True, steps, warmup, lm_loss="chunked", compile_mode="reduce-overhead"))
 
 if __name__ == "__main__":
     main()
