@@ -9,6 +9,7 @@
     viz.plot_expert_utilization({0: 0.5, 1: 0.25, 3: 0.25})          # one layer: {expert_id: share}
     viz.plot_routing_heatmap(analysis.heatmap, save_path="heat.png")  # [MoE layers, experts]
     viz.plot_specialization(spec, save_path="spec.png")              # experts x labels
+    viz.plot_router_bias("out/metrics.jsonl", save_path="bias.png")  # aux-loss-free bias per layer
     fig = viz.plot_routing_heatmap(analysis.heatmap)                   # no save_path: the Figure
 
 Each function takes plain data (or the dataclasses of :mod:`moe_lab.analytics`), draws one
@@ -282,6 +283,88 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
         if kind != "metric":
             ax.legend()
+    return _finish(fig, save_path)
+
+
+# ---------------------------------------------------------------------------------------
+# router bias (aux-loss-free balancing)
+# ---------------------------------------------------------------------------------------
+
+
+def load_router_bias_history(metrics_path: PathLike) -> Dict[int, Dict[str, List[Any]]]:
+    """The aux-loss-free balancing bias over training from a trainer's ``metrics.jsonl``:
+    ``{layer: {"step": [s, ...], "bias": [[b_0 .. b_E-1], ...]}}`` for each MoE layer whose
+    train records carry ``router_bias`` (the trainer logs it when
+    ``router_bias_update_rate`` is set); ``{}`` when none does. A step logged twice (a
+    resumed run) keeps its last record; unreadable lines are skipped.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    by_step: Dict[int, Dict[int, List[float]]] = {}
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or "step" not in rec or "eval_loss" in rec:
+                continue
+            biases = {int(lay["layer"]): [float(b) for b in lay["router_bias"]]
+                      for lay in rec.get("moe_layers") or [] if lay.get("router_bias") is not None}
+            if biases:
+                by_step[int(rec["step"])] = biases
+    out: Dict[int, Dict[str, List[Any]]] = {}
+    for step in sorted(by_step):
+        for layer, bias_E in by_step[step].items():
+            entry = out.setdefault(layer, {"step": [], "bias": []})
+            entry["step"].append(step)
+            entry["bias"].append(bias_E)
+    return dict(sorted(out.items()))
+
+
+def plot_router_bias(history: Mapping[Any, Mapping[str, Any]], save_path: Optional[PathLike] = None) -> Any:
+    """The per-expert router bias against step, one panel per MoE layer, one line per expert
+    (the aux-loss-free balancing bias: it rises for under-loaded experts, falls for
+    over-loaded ones).
+
+    Args:
+        history: ``{layer: {"step": [steps], "bias": [[per-expert bias] per step]}}`` as
+            :func:`load_router_bias_history` returns it.
+        save_path: PNG path; None returns the figure.
+
+    Raises:
+        InputError: ``history`` is empty or not shaped like that (the message names the layer).
+    """
+    if not isinstance(history, Mapping) or not history:
+        raise InputError("router bias history is empty; expected {layer: {'step': [...], 'bias': [[...], ...]}} "
+                         "(the trainer logs router_bias when model.router_bias_update_rate is set)")
+    panels = []
+    for layer, entry in history.items():
+        if not isinstance(entry, Mapping) or "step" not in entry or "bias" not in entry:
+            raise InputError(f"router bias history of layer {layer!r} must have 'step' and 'bias', "
+                             f"got {type(entry).__name__} {entry!r:.60}")
+        steps = _as_series(entry["step"], f"layer {layer} step")
+        bias = _as_matrix(entry["bias"], f"layer {layer} bias")  # [steps, experts]
+        if len(steps) != len(bias):
+            raise InputError(f"layer {layer!r}: {len(steps)} steps but {len(bias)} bias rows")
+        panels.append((layer, steps, bias))
+    cols = min(len(panels), 2)
+    nrows = math.ceil(len(panels) / cols)
+    fig = _new_figure(6.5 * cols, 4.0 * nrows)
+    for i, (layer, steps, bias) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        num_experts = len(bias[0])
+        for e in range(num_experts):
+            ax.plot(steps, [row[e] for row in bias], "o-" if len(steps) == 1 else "-", lw=1.2,
+                    color=f"C{e % 10}", label=f"expert {e}")
+        ax.axhline(0.0, ls=":", color="gray")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("bias (added to scores for selection)")
+        ax.set_title(f"Router bias, layer {layer}")
+        ax.grid(alpha=0.3)
+        if num_experts <= 16:
+            ax.legend(fontsize=7, ncols=2)
     return _finish(fig, save_path)
 
 
@@ -614,6 +697,13 @@ class TrainingVisualizer:
         if isinstance(history, (str, os.PathLike)):
             history = load_metrics_history(history)
         return self._save(plot_training_curves(history, None, baseline=baseline), save_path)
+
+    def plot_router_bias(self, history: Any, save_path: Optional[PathLike] = None) -> Any:
+        """Per-expert router bias against step, a panel per MoE layer; ``history``: a
+        metrics.jsonl path or :func:`load_router_bias_history`'s dict."""
+        if isinstance(history, (str, os.PathLike)):
+            history = load_router_bias_history(history)
+        return self._save(plot_router_bias(history, None), save_path)
 
     def plot_expert_utilization(self, utilization_data: Any, save_path: Optional[PathLike] = None, **kwargs: Any) -> Any:
         """Share of routed tokens per expert, a panel per layer; ``{expert_id: share}`` is one layer."""

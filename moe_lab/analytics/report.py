@@ -12,7 +12,10 @@ What it writes into ``out_dir``:
 - ``training_curves.png`` when a ``metrics.jsonl`` is found (``metrics_path``, else next to
   the checkpoint: ``CKPT/metrics.jsonl``, ``CKPT/../metrics.jsonl``,
   ``CKPT/../../metrics.jsonl``); without one the report says so;
-- ``report.json``: every number of the report;
+- ``router_bias.png`` when that file's train records carry ``router_bias`` (aux-loss-free
+  balancing, ``model.router_bias_update_rate``): each expert's bias against step, per MoE
+  layer; the report has this section only then;
+- ``report.json``: every number of the report (``router_bias``: the bias history, when plotted);
 - ``report.html``: all of the above with the images embedded as base64 ``data:`` URIs, no
   external resources, readable offline. A small inline script sets
   ``<body data-images-loaded="N" data-images-total="M">`` once the page has loaded (used by
@@ -39,7 +42,9 @@ from ..errors import InputError
 from .plots import (
     OVERLOAD_FACTOR,
     load_metrics_history,
+    load_router_bias_history,
     plot_expert_utilization,
+    plot_router_bias,
     plot_routing_heatmap,
     plot_specialization,
     plot_training_curves,
@@ -56,6 +61,7 @@ IMAGE_NAMES = {
     "utilization": "expert_utilization.png",
     "heatmap": "routing_heatmap.png",
     "training": "training_curves.png",
+    "router_bias": "router_bias.png",
 }
 
 
@@ -285,7 +291,8 @@ def render_report_html(
         "Self-contained: images are embedded; no network needed.</p>",
         '<nav><a href="#specialization">Specialisation</a><a href="#utilization">Utilisation</a>'
         '<a href="#heatmap">Heatmap</a><a href="#health">Dead / overloaded</a><a href="#tokens">Top tokens</a>'
-        '<a href="#training">Training curves</a></nav>',
+        '<a href="#training">Training curves</a>'
+        + ('<a href="#router-bias">Router bias</a>' if "router_bias" in images else "") + "</nav>",
         f"<table>{meta_rows}</table>",
         "<h2>Routing health per layer</h2>",
         _layer_table(routing),
@@ -314,6 +321,14 @@ def render_report_html(
         parts.append(_img(images["training"], "training curves"))
     else:
         parts.append(f"<p class=note>{html.escape(training_note or 'No training metrics.')}</p>")
+    if "router_bias" in images:
+        parts += [
+            '<h2 id="router-bias">Router bias (aux-loss-free balancing)</h2>',
+            "<p>Each expert's bias, added to its routing score for expert selection only (never to the combine "
+            "weights), against the optimizer step. After each step it rises for experts that got less than the "
+            "mean load and falls for those that got more; flat lines mean the load has settled.</p>",
+            _img(images["router_bias"], "router bias per expert over training"),
+        ]
     parts += [f"<script>{_SCRIPT}</script>", "</body></html>"]
     return "\n".join(parts)
 
@@ -368,12 +383,16 @@ def write_report(
                                                   layer_labels=routing.moe_layer_indices))
     metrics = Path(metrics_path) if metrics_path is not None else find_metrics(checkpoint_dir)
     training_note = None
+    bias_history: Dict[int, Dict[str, List[Any]]] = {}
     if metrics is not None and metrics.is_file():
         history = load_metrics_history(metrics)
         if history.get("loss") or history.get("eval_loss"):
             images["training"] = Path(plot_training_curves(history, str(out / IMAGE_NAMES["training"])))
         else:
             training_note = f"{metrics} has no loss records, so there are no training curves."
+        bias_history = load_router_bias_history(metrics)
+        if bias_history:
+            images["router_bias"] = Path(plot_router_bias(bias_history, out / IMAGE_NAMES["router_bias"]))
     else:
         where = str(metrics) if metrics is not None else "next to the checkpoint (metrics.jsonl)"
         training_note = f"No training metrics found {'at ' if metrics is not None else ''}{where}; " \
@@ -391,6 +410,8 @@ def write_report(
     }
     report_json = {"meta": meta, "routing": routing.to_dict(), "specialization": spec.to_dict(),
                    "highlights": [{**r, "label": str(r["label"])} for r in specialization_highlights(spec)]}
+    if "router_bias" in images:
+        report_json["router_bias"] = {str(layer): h for layer, h in bias_history.items()}
     (out / "report.json").write_text(json.dumps(report_json, indent=1))
     page = render_report_html("MoE routing report", meta, routing, spec, images, training_note)
     path = out / REPORT_NAME

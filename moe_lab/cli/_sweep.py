@@ -11,8 +11,8 @@ from ._app import app, fail, user_errors
 
 _SET_HELP = (
     "Override a sweep field (num_samples=4, scheduler.grace_period=50), a base-job field "
-    "(training.max_steps=100) or a search-space entry ('search_space.model.router_type={choice: [top_k]}'). "
-    "Repeatable."
+    "(training.max_steps=100), a search-space entry ('search_space.model.router_type={choice: [top_k]}') "
+    "or a variant's field (variants.NAME.model.num_shared_experts=1). Repeatable."
 )
 _ADDRESS_HELP = "Join this Ray cluster (e.g. auto, ray://host:10001); default: an embedded local cluster."
 
@@ -36,10 +36,11 @@ def sweep(
     """Sweep router types, loss coefficients and any other job field with Ray Tune (ASHA on eval loss).
 
     Writes results.csv, best.yaml (train it with `moe-lab train best.yaml`) and
-    router_comparison.png into OUTPUT_DIR/NAME. Ctrl-C stops the sweep; `--resume DIR` continues it.
+    router_comparison.png into OUTPUT_DIR/NAME, and balancing_study.png/.csv for a spec with
+    `report: balancing` (jobs/sweep_balancing.yaml). Ctrl-C stops the sweep; `--resume DIR` continues it.
     """
     from ..orchestration.cluster import shutdown_ray
-    from ..tuning import load_sweep, open_sweep_directory, print_results_table
+    from ..tuning import load_sweep, open_sweep_directory, print_balancing_table, print_results_table
 
     if (sweep_file is None) == (resume is None):
         raise fail("give either a sweep file (moe-lab sweep SWEEP.yaml) or --resume DIR")
@@ -62,9 +63,13 @@ def sweep(
         shutdown_ray()
     if quiet:
         print_results_table(result)
+        if result.study:
+            print_balancing_table(result.study, title=f"balancing study {result.directory.name}: one row per variant")
     typer.echo(f"results: {result.results_csv}")
     if result.plot_path is not None:
-        typer.echo(f"router comparison: {result.plot_path}")
+        typer.echo(f"{'variant' if result.variants else 'router'} comparison: {result.plot_path}")
+    if result.study_plot_path is not None:
+        typer.echo(f"balancing study: {result.study_plot_path} (numbers: {result.study_plot_path.with_suffix('.csv')})")
     if result.best_job_path is not None:
         best = result.best or {}
         typer.echo(f"best: trial {best.get('trial_id')} {result.metric}={best.get(result.metric):.4f}; "

@@ -15,7 +15,8 @@ live in :mod:`moe_lab.tuning`; this module turns them into a Tune run. What happ
    sweep metric (time attribute: the optimiser ``step``) and the search algorithm
    (``BasicVariantGenerator`` over :func:`param_space` for random/grid, ``OptunaSearch``
    with the define-by-run :class:`OptunaSpace` for optuna); neither samples a field for
-   the trials it has no effect on (:data:`moe_lab.tuning.INERT_FIELDS`);
+   the trials it has no effect on (:data:`moe_lab.tuning.INERT_FIELDS`); a sweep's
+   ``variants`` are one more grid (``config["variant"]``), each over its own job;
 3. a 1-worker trial runs :class:`~moe_lab.training.MoETrainer` in the trial process and
    calls ``ray.tune.report``; a multi-worker trial (``scaling.num_workers > 1``) starts a
    ``TorchTrainer`` through :class:`~.train.DistributedMoETrainer`, whose workers call
@@ -25,7 +26,8 @@ live in :mod:`moe_lab.tuning`; this module turns them into a Tune run. What happ
    metrics and the latest training metrics together (every result then holds the sweep
    metric, as Tune's strict metric check and ``OptunaSearch`` require);
 5. at the end the driver collects the rows and writes ``results.csv``, ``best.yaml``,
-   ``router_comparison.png`` and prints a rich table (:func:`moe_lab.tuning.write_outputs`);
+   ``router_comparison.png`` (``balancing_study.png``/``.csv`` too with ``report:
+   balancing``) and prints a rich table (:func:`moe_lab.tuning.write_outputs`);
    a field without effect on a trial shows as ``n/a``, with the reason in the ``inert``
    column, the table's legend and a ``best.yaml`` comment.
 
@@ -56,18 +58,19 @@ from ..training import metrics as M
 from ..tuning import (
     INERT_FIELDS,
     SWEEP_FILE,
+    VARIANT,
     InertRule,
     SearchDim,
     SweepResult,
     SweepSpec,
     TrialPlan,
     TrialResult,
+    base_values,
     check_search_available,
     collect_rows,
     drawn_inert_rules,
     grid_points,
     inert_rules,
-    job_values,
     load_sweep,
     new_sweep_directory,
     open_sweep_directory,
@@ -218,10 +221,12 @@ def _domain(d: SearchDim) -> Any:
     return tune.randint(int(d.low), int(d.high) + 1)
 
 
-def _inert_or_drawn(d: SearchDim, rules: Sequence[InertRule], base: Dict[str, Any], seed: Sequence[int]) -> Any:
+def _inert_or_drawn(d: SearchDim, rules: Sequence[InertRule], base: Dict[str, Any], seed: Sequence[int],
+                    under: Optional[str] = None) -> Any:
     """``tune.sample_from`` for a drawn field that ``rules`` may make inert: once the trial's
     condition fields are resolved, the rule's value where one applies, else a draw from the
-    field's distribution (with a generator seeded by the sweep's seed).
+    field's distribution (with a generator seeded by the sweep's seed). ``under``: the
+    config key the trial's sections sit under (``variant``), None: at the top.
 
     A closure, not an object: Tune deep-copies the spec per trial, which would copy an
     object's generator (every trial drawing the same value); a function is not copied."""
@@ -232,6 +237,8 @@ def _inert_or_drawn(d: SearchDim, rules: Sequence[InertRule], base: Dict[str, An
     def sample(spec: Any) -> Any:
         # Tune passes its experiment spec (the param space under "config"), through a guard
         config = getattr(spec, "config") if "config" in spec else spec
+        if under is not None:
+            config = getattr(config, under)
         values = dict(base)
         for name in conditions:
             section, key = name.split(".", 1)
@@ -247,6 +254,31 @@ def _inert_or_drawn(d: SearchDim, rules: Sequence[InertRule], base: Dict[str, An
     return tune.sample_from(sample)
 
 
+def _drawn(spec: SweepSpec, variant: Optional[str], under: Optional[str]) -> Dict[str, Any]:
+    """The Tune distribution of each drawn field (``section.key``) in ``variant``'s trials."""
+    base = base_values(spec, variant)
+    index = list(spec.variants).index(variant) if variant is not None else 0
+    drawn: Dict[str, Any] = {}
+    for i, d in enumerate(spec.dimensions):
+        if not d.is_grid(spec.search):
+            rules = drawn_inert_rules(spec, d, variant)
+            seed = [spec.seed % 2**32, i] + ([index] if variant is not None else [])
+            drawn[d.field] = _inert_or_drawn(d, rules, base, seed, under) if rules else _domain(d)
+    return drawn
+
+
+def _variant_points(spec: SweepSpec, variant: str) -> List[Dict[str, Any]]:
+    """Every grid point of ``variant``'s trials as one nested config, ``{"name": variant,
+    "model": {...}, ...}``, its drawn fields in it (the sections' points combine as a product)."""
+    drawn = _drawn(spec, variant, under=VARIANT)
+    entries: List[Dict[str, Any]] = [{"name": variant}]
+    for section, points in grid_points(spec, variant).items():
+        section_drawn = {d.key: drawn[d.field] for d in spec.dimensions if d.section == section and d.field in drawn}
+        entries = [{**entry, section: {**{f.split(".", 1)[1]: v for f, v in point.items()}, **section_drawn}}
+                   for entry in entries for point in points]
+    return entries
+
+
 def param_space(spec: SweepSpec) -> Dict[str, Any]:
     """The Tune search space of a random/grid sweep, nested by job section
     (``{"model": {"router_type": ...}}``); with optuna, ``{}`` (see :class:`OptunaSpace`).
@@ -258,15 +290,16 @@ def param_space(spec: SweepSpec) -> Dict[str, Any]:
     make the duplicates back: that section becomes one ``tune.grid_search`` over its
     points, each a dict with the section's drawn fields too (Tune's status table then shows
     the section as one column; each trial's config box lists every field).
+
+    With variants, the space is one ``tune.grid_search`` under ``variant`` over every
+    variant's grid points (:func:`_variant_points`): each variant collapses its own grid
+    and decides its own inert fields, under its own job.
     """
     if spec.search == "optuna":
         return {}
-    base = job_values(spec.job)
-    drawn: Dict[str, Any] = {}  # section.key -> distribution
-    for i, d in enumerate(spec.dimensions):
-        if not d.is_grid(spec.search):
-            rules = drawn_inert_rules(spec, d)
-            drawn[d.field] = _inert_or_drawn(d, rules, base, seed=[spec.seed % 2**32, i]) if rules else _domain(d)
+    if spec.variants:
+        return {VARIANT: tune.grid_search([p for name in spec.variants for p in _variant_points(spec, name)])}
+    drawn = _drawn(spec, None, under=None)
     space: Dict[str, Any] = {}
     for section, points in grid_points(spec).items():
         dims = [d for d in spec.dimensions if d.section == section]
@@ -285,7 +318,9 @@ def param_space(spec: SweepSpec) -> Dict[str, Any]:
 class OptunaSpace:
     """Optuna's define-by-run search space: suggests the fields that inert rules depend on
     first, then every other field unless it is inert for the values suggested so far (it is
-    then left out of the trial's config: Optuna models no parameter without effect).
+    then left out of the trial's config: Optuna models no parameter without effect). With
+    variants, the variant is a categorical suggested before anything else (``variant``),
+    and the fields it sets count as known.
 
     Grid entries are choices under Optuna. Parameters are named ``section/key`` (Ray's
     OptunaSearch nests them into ``{"section": {"key": ...}}``). A plain object, as
@@ -296,10 +331,13 @@ class OptunaSpace:
         conditions = {name for rule in INERT_FIELDS for name, _ in rule.when}
         self.dims = sorted(spec.dimensions, key=lambda d: d.field not in conditions)  # stable
         searched = {d.field for d in spec.dimensions}
-        self.known = {f: v for f, v in job_values(spec.job).items() if f not in searched}
+        self.variants = list(spec.variants)
+        self.known = {name: {f: v for f, v in base_values(spec, name).items() if f not in searched}
+                      for name in self.variants or [None]}
 
     def __call__(self, trial: Any) -> None:
-        values = dict(self.known)
+        variant = trial.suggest_categorical(VARIANT, self.variants) if self.variants else None
+        values = dict(self.known[variant])
         for d in self.dims:
             if inert_rules(values, [d.field]):
                 continue

@@ -16,6 +16,11 @@ A sweep spec (YAML) names a base job and a search space over any job field::
       model.router_type: {grid: [top_k, switch, expert_choice]}
       model.load_balancing_loss_coef: {loguniform: [0.001, 0.1]}
       model.experts_per_token: {choice: [1, 2]}     # also: uniform [lo, hi], randint [lo, hi]
+    variants:                         # optional: recipes, each one grid point (x the search space's grid)
+      micro_batch: {}                 # the base job as it is
+      global_batch: {model.load_balancing_scope: global_batch}
+      bias: {model.load_balancing_loss_coef: 0.0, model.router_bias_update_rate: 0.001}
+    report: balancing                 # optional: balancing_study.png/.csv comparing the variants
     num_samples: 2                    # random/grid: repeats of the grid; optuna: trials
     search: random                    # random | grid | optuna (pip install moe-lab[optuna])
     scheduler: {type: asha, metric: eval_loss, grace_period: 100, reduction_factor: 2}
@@ -23,7 +28,18 @@ A sweep spec (YAML) names a base job and a search space over any job field::
 
 The spec is validated once, before Ray starts: unknown fields, unknown distributions, empty
 choices, ``low > high``, ``loguniform`` bounds <= 0 and values the base job rejects raise
-:class:`~moe_lab.errors.ConfigError` naming the field.
+:class:`~moe_lab.errors.ConfigError` naming the field; a variant with an unknown field, a
+field that is also searched, or a job that does not validate raises it naming the variant
+and the field.
+
+Variants. Each variant is a bundle of job overrides (a recipe) and one grid point: every
+variant runs the search space's grid (``num_samples`` times), or once when there is no
+search space (with optuna, the variant is a categorical suggested first). A trial's job is
+the base job, then its variant's overrides, then its searched values, then the inert rules
+below (so a variant that sets ``router_type: expert_choice`` makes the balancing coefficient
+inert for its trials alone). The variant is a column of the table and ``results.csv``, is
+named in ``best.yaml``, and groups ``router_comparison.png``; ``report: balancing`` adds the
+balancing study (:mod:`.report`).
 
 Fields without effect. Some fields do nothing under some routers; :data:`INERT_FIELDS`
 declares them, once, as data (for example ``model.load_balancing_loss_coef`` under
@@ -55,7 +71,7 @@ The package never imports Ray (a test checks it in a subprocess):
   and what a trial reports (:data:`REPORTED_METRICS`, :class:`TrialResult`);
 - :mod:`.plan`: what each trial asks Ray for and how many run at once (:func:`plan_trials`);
 - :mod:`.results`: rows, ``results.csv``, ``best.yaml``, the sweep directory;
-- :mod:`.report`: ``router_comparison.png`` and the printed table.
+- :mod:`.report`: ``router_comparison.png``, the printed table and the balancing study.
 
 The Ray Tune parts (the Tuner, the trial function, reporting to Tune) are in
 :mod:`moe_lab.orchestration.tune`, and so are :func:`run_sweep` and :func:`resume_sweep`:
@@ -71,10 +87,19 @@ from .plan import TrialPlan, plan_trials
 from .report import (
     ROUTER_ORDER,
     ROUTER_PLOT,
+    STUDY_CSV,
+    STUDY_PLOT,
     TABLE_METRICS,
+    TrialCurves,
+    balancing_summary,
     inert_legend,
+    plot_balancing_study,
     plot_router_comparison,
+    print_balancing_table,
     print_results_table,
+    read_trial_curves,
+    variant_legend,
+    write_balancing_study,
     write_outputs,
 )
 from .results import (
@@ -103,14 +128,17 @@ from .spec import (
     check_search_available,
     load_sweep,
     parse_search_space,
+    parse_variants,
 )
 from .trials import (
     INERT_FIELDS,
     JOB_SECTIONS,
     NOT_APPLICABLE,
     REPORTED_METRICS,
+    VARIANT,
     InertRule,
     TrialResult,
+    base_values,
     check_inert_rules,
     describe_trial,
     drawn_inert_rules,
@@ -118,8 +146,10 @@ from .trials import (
     grid_points,
     inert_rules,
     job_values,
+    split_variant,
     train_metrics,
     trial_job,
+    variant_overrides,
 )
 
 #: public names that live in moe_lab.orchestration.tune (Ray), imported on first use
@@ -153,8 +183,11 @@ __all__ = [
     "RESULTS_CSV",
     "ROUTER_ORDER",
     "ROUTER_PLOT",
+    "STUDY_CSV",
+    "STUDY_PLOT",
     "SWEEP_FILE",
     "TABLE_METRICS",
+    "VARIANT",
     "InertRule",
     "RoutingCollapseSpec",
     "SchedulerSpec",
@@ -163,8 +196,11 @@ __all__ = [
     "SweepSpec",
     "TrialPlan",
     "TrialResources",
+    "TrialCurves",
     "TrialResult",
     "apply_sweep_overrides",
+    "balancing_summary",
+    "base_values",
     "check_inert_rules",
     "check_search_available",
     "collect_rows",
@@ -180,15 +216,23 @@ __all__ = [
     "new_sweep_directory",
     "open_sweep_directory",
     "parse_search_space",
+    "parse_variants",
     "pick_best",
     "plan_trials",
+    "plot_balancing_study",
     "plot_router_comparison",
+    "print_balancing_table",
     "print_results_table",
+    "read_trial_curves",
     "resume_sweep",
     "routing_collapsed",
     "run_sweep",
+    "split_variant",
     "train_metrics",
     "trial_job",
+    "variant_legend",
+    "variant_overrides",
+    "write_balancing_study",
     "write_best_job",
     "write_outputs",
     "write_results_csv",

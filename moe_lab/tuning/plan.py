@@ -33,7 +33,12 @@ class TrialPlan:
 
 
 def _max_workers(spec: SweepSpec, job: JobSpec) -> int:
+    """Ray Train workers of the sweep's largest trial (the base job, its variants, the search space)."""
     workers = job.scaling.num_workers
+    for overrides in spec.variants.values():
+        value = overrides.get("scaling.num_workers")
+        if isinstance(value, int) and not isinstance(value, bool):
+            workers = max(workers, value)
     for d in spec.dimensions:
         if d.field == "scaling.num_workers":
             values = d.values if d.values else (d.low, d.high)

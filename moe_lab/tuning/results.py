@@ -2,15 +2,16 @@
 
     from moe_lab.tuning import collect_rows, pick_best, write_best_job, write_results_csv
     rows = collect_rows(spec, grid)      # a Tune ResultGrid, or any list of results: best first
-    write_results_csv(rows, directory / RESULTS_CSV, [d.field for d in spec.dimensions])
+    write_results_csv(rows, directory / RESULTS_CSV, spec.param_fields)   # variant, searched fields
     best = pick_best(rows, spec.metric)  # the best completed trial
     write_best_job(spec, best, directory / BEST_JOB, best["config"])   # `moe-lab train best.yaml`
 
 A row holds ``trial_id``, ``status`` (completed, early stopped, routing collapse, interrupted,
-no result, error), ``step``, ``max_steps``, each searched field as the trial ran it (``n/a``
-where it had no effect), the metric columns (:data:`METRIC_COLUMNS`), ``adjustments``,
-``inert`` (why a field is n/a), ``error`` and ``trial_dir``, plus two keys that are not CSV
-columns: ``config`` (the sampled Tune config) and ``inert_notes``.
+no result, error), ``step``, ``max_steps``, the trial's ``variant`` (when the sweep has
+variants), each searched field as the trial ran it (``n/a`` where it had no effect), the
+metric columns (:data:`METRIC_COLUMNS`), ``adjustments``, ``inert`` (why a field is n/a),
+``error`` and ``trial_dir``, plus two keys that are not CSV columns: ``config`` (the sampled
+Tune config) and ``inert_notes``.
 
 A sweep directory holds ``sweep.yaml`` (what ``--resume`` reads), Tune's experiment state and
 the outputs: :func:`new_sweep_directory` refuses one that already holds a sweep,
@@ -31,7 +32,7 @@ from ..errors import ConfigError
 from ..jobs import JobSpec, load_job
 from ..training import metrics as M
 from .spec import SweepSpec, load_sweep
-from .trials import NOT_APPLICABLE, REPORTED_METRICS, describe_trial, trial_job
+from .trials import NOT_APPLICABLE, REPORTED_METRICS, VARIANT, describe_trial, trial_job, variant_overrides
 
 #: the sweep's file inside its directory (what ``--resume`` reads)
 SWEEP_FILE = "sweep.yaml"
@@ -57,7 +58,10 @@ class SweepResult:
     plot_path: Optional[Path]
     elapsed_seconds: float
     interrupted: bool = False  #: the run stopped before every trial finished (resume it)
-    param_fields: List[str] = field(default_factory=list)
+    param_fields: List[str] = field(default_factory=list)  #: ``variant`` (with variants), the searched fields
+    variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)  #: the spec's variants: name -> overrides
+    study_plot_path: Optional[Path] = None  #: the study report's plot (``report: balancing``), if any
+    study: List[Dict[str, Any]] = field(default_factory=list)  #: the study's rows, one per variant (balancing_study.csv)
 
     @property
     def num_errors(self) -> int:
@@ -214,7 +218,8 @@ def is_interrupted(spec: SweepSpec, rows: Sequence[Dict[str, Any]]) -> bool:
 
 
 def write_results_csv(rows: List[Dict[str, Any]], path: Path, fields: Sequence[str]) -> Path:
-    """``results.csv``: one line per row, the searched ``fields`` after the status columns."""
+    """``results.csv``: one line per row, ``fields`` (:attr:`SweepSpec.param_fields`: the
+    variant and the searched fields) after the status columns."""
     columns = ["trial_id", "status", M.STEP, "max_steps", *fields, *METRIC_COLUMNS, "adjustments", "inert", "error",
                "trial_dir"]
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -241,8 +246,12 @@ def write_best_job(spec: SweepSpec, best: Dict[str, Any], path: Path, config: Di
     header = [
         f"# Best trial of sweep {spec.name}: {best['trial_id']} ({best['status']}, step {best[M.STEP]}),",
         f"# {spec.metric} = {value:.4f}." if isinstance(value, float) else f"# {spec.metric} = {value}.",
-        "# Ran with: " + ", ".join(f"{f}={_shown(best.get(f))}" for f in (d.field for d in spec.dimensions)),
+        "# Ran with: " + ", ".join(f"{f}={_shown(best.get(f))}" for f in spec.param_fields),
     ]
+    if best.get(VARIANT) in spec.variants:
+        overrides = variant_overrides(spec, best[VARIANT])
+        header.append(f"# Variant {best[VARIANT]}: "
+                      + (", ".join(f"{f}={v!r}" for f, v in overrides.items()) or "the base job"))
     header += [f"# {NOT_APPLICABLE}: {note}" for note in best.get("inert_notes", [])]
     if adjustments:
         header.append("# Adjusted: " + "; ".join(adjustments))

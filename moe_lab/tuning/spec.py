@@ -1,14 +1,17 @@
-"""The sweep spec: a base job, a search space over its fields, search and scheduling; validated once.
+"""The sweep spec: a base job, variants and a search space over its fields, search and scheduling; validated once.
 
     from moe_lab.tuning import load_sweep
     spec = load_sweep("jobs/sweep_routers.yaml", ["num_samples=1"])  # resolved: the base job inlined
     spec.dimensions, spec.num_trials, spec.job, spec.metric
+    spec = load_sweep("jobs/sweep_balancing.yaml")
+    spec.variants["global_batch"]     # {"model.load_balancing_scope": "global_batch", ...}
 
 The YAML format is in :mod:`moe_lab.tuning`. :func:`load_sweep` checks everything before Ray
 starts (or is imported): unknown fields, unknown distributions, empty choices, ``low > high``,
-``loguniform`` bounds <= 0 and values the base job rejects raise
-:class:`~moe_lab.errors.ConfigError` naming the field. The Ray Tune search space is built from
-:attr:`SweepSpec.dimensions` in :mod:`moe_lab.orchestration.tune`.
+``loguniform`` bounds <= 0, values the base job rejects, and variants whose fields are
+unknown or whose job is invalid raise :class:`~moe_lab.errors.ConfigError` naming the field
+(and the variant). The Ray Tune search space is built from :attr:`SweepSpec.dimensions` and
+:attr:`SweepSpec.variants` in :mod:`moe_lab.orchestration.tune`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import copy
 import difflib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +33,14 @@ from ..config import _StrictModel
 from ..errors import ConfigError
 from ..jobs import DEFAULT_JOB, JobSpec, _parse_value, apply_overrides, load_job, read_yaml_mapping
 from ..training import metrics as M
-from .trials import JOB_SECTIONS, REPORTED_METRICS, check_job_field, grid_points, trial_job
+from .trials import JOB_SECTIONS, REPORTED_METRICS, VARIANT, check_job_field, grid_points, trial_job
 
 #: distribution names a search-space entry may use
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+#: what a variant name may look like (it is a CSV value, a table cell and a plot label)
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
+#: the extra reports a sweep can write (``report:`` in the spec), see moe_lab.tuning.report
+REPORTS = ("balancing",)
 
 
 @dataclass(frozen=True)
@@ -90,17 +98,21 @@ class RoutingCollapseSpec(_StrictModel):
 
 
 class SweepSpec(_StrictModel):
-    """A sweep: a base job, a search space over its fields, search, scheduling and outputs.
+    """A sweep: a base job, variants and a search space over its fields, search, scheduling and outputs.
 
-    Construct it from YAML with :func:`load_sweep`. The search space is checked when the spec
-    is built (fields, distributions, bounds); values are checked against the base job by
-    :meth:`resolve`, which :func:`load_sweep` calls.
+    Construct it from YAML with :func:`load_sweep`. The search space and the variants' fields
+    are checked when the spec is built (fields, distributions, bounds); values and each
+    variant's job are checked against the base job by :meth:`resolve`, which
+    :func:`load_sweep` calls.
     """
 
     name: Optional[str] = None  #: the sweep directory is ``output_dir/name`` (default: file stem + time)
     base_job: Union[str, Dict[str, Any]] = "default"  #: a job YAML path, "default", or an inline job mapping
     overrides: List[str] = Field(default_factory=list)  #: ``section.key=value`` applied to the base job
-    search_space: Dict[str, Any]  #: ``section.key: {distribution: args}``, checked by parse_search_space
+    #: ``name: {section.key: value, ...}``: recipes, each one grid point (times the search space's grid)
+    variants: Dict[str, Any] = Field(default_factory=dict)
+    search_space: Dict[str, Any] = Field(default_factory=dict)  #: ``section.key: {distribution: args}``
+    report: Optional[Literal["balancing"]] = None  #: an extra study report (balancing: needs variants)
     num_samples: int = Field(1, ge=1)
     search: Literal["random", "grid", "optuna"] = "random"
     scheduler: Optional[SchedulerSpec] = Field(default_factory=SchedulerSpec)
@@ -124,7 +136,15 @@ class SweepSpec(_StrictModel):
                 f"sweep scheduler.metric {self.scheduler.metric!r} is not a reported metric; "
                 f"expected one of {list(REPORTED_METRICS)}"
             )
-        self._dims = parse_search_space(self.search_space)
+        self._dims = parse_search_space(self.search_space, allow_empty=True)
+        self.variants = parse_variants(self.variants, [d.field for d in self._dims])
+        if not self._dims and not self.variants:
+            raise ConfigError(
+                "sweep has nothing to compare: give a search_space (e.g. model.router_type: {choice: [...]}) "
+                "or variants (e.g. global_batch: {model.load_balancing_scope: global_batch})"
+            )
+        if self.report == "balancing" and not self.variants:
+            raise ConfigError("sweep report 'balancing' compares variants; add a variants: section (name: {field: value})")
         if self.search == "grid":
             ranged = [d.field for d in self._dims if d.kind not in ("choice", "grid")]
             if ranged:
@@ -150,10 +170,19 @@ class SweepSpec(_StrictModel):
     def num_trials(self) -> int:
         """Trials the sweep runs: with random/grid search, ``num_samples`` times the grid
         size, where the grid has no duplicates that differ only in an inert field
-        (:func:`~moe_lab.tuning.grid_points`); with optuna, ``num_samples``."""
+        (:func:`~moe_lab.tuning.grid_points`), summed over the variants (each runs its own
+        grid); with optuna, ``num_samples``."""
         if self.search == "optuna":
             return self.num_samples
-        return self.num_samples * math.prod(len(points) for points in grid_points(self).values())
+        names = list(self.variants) or [None]
+        return self.num_samples * sum(math.prod(len(points) for points in grid_points(self, v).values())
+                                      for v in names)
+
+    @property
+    def param_fields(self) -> List[str]:
+        """The columns that tell trials apart in the results: ``variant`` (with variants),
+        then each searched field."""
+        return ([VARIANT] if self.variants else []) + [d.field for d in self._dims]
 
     @property
     def job(self) -> JobSpec:
@@ -205,15 +234,24 @@ class SweepSpec(_StrictModel):
         if data.get("name") is None:
             data["name"] = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         resolved = SweepSpec.from_dict(data)
+        for name in resolved.variants:
+            try:
+                trial_job(resolved, {VARIANT: name})
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"sweep variants[{name!r}]: its job is invalid: {str(exc).split(' is invalid: ', 1)[-1]}"
+                ) from None
         for dim in resolved._dims:
-            for value in dim.probe_values():
-                try:
-                    trial_job(resolved, {dim.field: value})
-                except ConfigError as exc:
-                    raise ConfigError(
-                        f"sweep search_space[{dim.field!r}]: value {value!r} is invalid for the base job: "
-                        f"{str(exc).split(' is invalid: ', 1)[-1]}"
-                    ) from None
+            for variant in list(resolved.variants) or [None]:
+                for value in dim.probe_values():
+                    try:
+                        trial_job(resolved, {VARIANT: variant, dim.field: value})
+                    except ConfigError as exc:
+                        job_name = "the base job" if variant is None else f"variant {variant!r}"
+                        raise ConfigError(
+                            f"sweep search_space[{dim.field!r}]: value {value!r} is invalid for {job_name}: "
+                            f"{str(exc).split(' is invalid: ', 1)[-1]}"
+                        ) from None
         sched = resolved.scheduler
         if sched is not None and sched.type == "asha":
             max_t = sched.max_t or job.training.max_steps
@@ -248,9 +286,51 @@ def _absolute_data_paths(job: Dict[str, Any]) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def parse_search_space(space: Mapping[str, Any]) -> List[SearchDim]:
-    """Check a search space against the JobSpec fields and the distribution rules."""
+def parse_variants(variants: Any, searched: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+    """Check a ``variants`` section: ``{name: {section.key: value}}`` with plain names and job
+    fields (values are checked against the job by :meth:`SweepSpec.resolve`). A field may not
+    be both set by a variant and ``searched``. Returns it with empty variants as ``{}`` (a
+    variant without overrides runs the base job). Raises ConfigError naming the variant and
+    the field."""
+    if variants is None:
+        return {}
+    if not isinstance(variants, Mapping):
+        raise ConfigError(
+            f"sweep variants: expected a mapping of names to job overrides, e.g. "
+            f"{{global_batch: {{model.load_balancing_scope: global_batch}}}}; got {type(variants).__name__}"
+        )
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, overrides in variants.items():
+        if not isinstance(name, str) or not _VARIANT_NAME.fullmatch(name):
+            raise ConfigError(
+                f"sweep variants: name {name!r} must be a plain name (letters, digits, '_', '-', '+'; "
+                "starting with a letter or digit)"
+            )
+        where = f"sweep variants[{name!r}]"
+        if overrides is None:
+            overrides = {}
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(
+                f"{where}: expected a mapping of job fields to values, e.g. {{model.router_bias_update_rate: 0.001}}; "
+                f"got {overrides!r}"
+            )
+        for field in overrides:
+            check_job_field(field, f"{where}[{field!r}]")
+            if field in searched:
+                raise ConfigError(
+                    f"{where}[{field!r}]: the field is also in search_space; set it in one place "
+                    "(a variant fixes it, the search space varies it)"
+                )
+        out[name] = dict(overrides)
+    return out
+
+
+def parse_search_space(space: Mapping[str, Any], allow_empty: bool = False) -> List[SearchDim]:
+    """Check a search space against the JobSpec fields and the distribution rules (an empty
+    one is an error unless ``allow_empty``: a sweep of variants alone)."""
     if not space:
+        if allow_empty:
+            return []
         raise ConfigError(
             "sweep search_space is empty; expected at least one field, e.g. model.router_type: {choice: [...]}"
         )
@@ -314,8 +394,9 @@ def apply_sweep_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dic
 
     ``model.*``, ``training.*``, ``data.*``, ``scaling.*`` and ``job.*`` go to the base job's
     overrides; ``search_space.SECTION.KEY=...`` sets a search-space entry (a YAML/JSON
-    mapping such as ``{choice: [1, 2]}``); anything else sets a sweep field
-    (``num_samples=4``, ``scheduler.grace_period=50``).
+    mapping such as ``{choice: [1, 2]}``); ``variants.NAME.SECTION.KEY=value`` sets one field
+    of a variant (``variants.NAME={...}`` the whole variant); anything else sets a sweep
+    field (``num_samples=4``, ``scheduler.grace_period=50``).
     """
     data = copy.deepcopy(data)
     sweep_items = []
@@ -333,6 +414,11 @@ def apply_sweep_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dic
             space = dict(data.get("search_space") or {})
             space[key.split(".", 1)[1]] = _parse_value(raw)
             data["search_space"] = space
+        elif top == "variants" and key.count(".") >= 2:
+            _, name, field = key.split(".", 2)
+            variants = dict(data.get("variants") or {})
+            variants[name] = {**(variants.get(name) or {}), field: _parse_value(raw)}
+            data["variants"] = variants
         else:
             sweep_items.append(f"{key}={raw}")
     return apply_overrides(data, sweep_items)

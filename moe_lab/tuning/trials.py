@@ -2,7 +2,9 @@
 
     from moe_lab.tuning import INERT_FIELDS, TrialResult, grid_points, trial_job
     job, adjustments = trial_job(spec, {"model": {"router_type": "switch"}})  # runs experts_per_token=1
+    job, _ = trial_job(spec, {"variant": "global_batch", "training.learning_rate": 0.003})  # a variant's trial
     grid_points(spec)["model"]      # grid points: none differs from another only in an inert field
+    grid_points(spec, "global_batch")   # ... of one variant's trials
     TrialResult(max_steps=300).merge(record)  # a trainer record -> a Tune result (at evaluations), or None
 
 Job fields are named flat, ``section.key`` (``model.router_type``); :func:`job_values` reads a
@@ -11,6 +13,13 @@ some router settings; :func:`grid_points` leaves them out of the grid points the
 in, :func:`drawn_inert_rules` says which drawn fields need a per-trial decision, and
 :func:`trial_job` runs an inert field with the base job's (or the rule's) value. How a sweep
 uses them: :mod:`moe_lab.tuning`. Metric names come from :mod:`moe_lab.training.metrics`.
+
+Variants (``SweepSpec.variants``: name -> job overrides) are a grid of their own: a trial's
+config names its variant under :data:`VARIANT`, and :func:`trial_job` applies that
+variant's overrides to the base job first, then the trial's searched values, then the inert
+rules. Everything that reads the base job's values (the grid collapse, the inert rules)
+reads the variant's job instead: a grid field is left out of a variant's points when it is
+inert under that variant.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ JOB_SECTIONS = ("model", "training", "data", "scaling")
 _RESERVED_FIELDS = {"training.output_dir": "each trial writes into its own trial directory"}
 #: what the results show for a searched field that had no effect on a trial
 NOT_APPLICABLE = "n/a"
+#: the key of a trial config, and the results column, that names the trial's variant
+VARIANT = "variant"
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,19 +208,27 @@ def inert_rules(values: Mapping[str, Any], fields: Optional[Sequence[str]] = Non
 # ---------------------------------------------------------------------------------------
 
 
-def _options(spec: "SweepSpec") -> Dict[str, Tuple[Any, ...]]:
-    """The values each job field can take in the sweep: the base job's value, or the
-    choices/grid of a searched field (a searched range has no entry)."""
+def _options(spec: "SweepSpec", variant: Optional[str] = None) -> Dict[str, Tuple[Any, ...]]:
+    """The values each job field can take in the sweep (in ``variant``'s trials, when
+    given): the base job's value (the variant's, or with variants but none given, every
+    variant's), or the choices/grid of a searched field (a searched range has no entry)."""
     searched = {d.field for d in spec.dimensions}
-    options: Dict[str, Tuple[Any, ...]] = {f: (v,) for f, v in job_values(spec.job).items() if f not in searched}
+    names = [variant] if variant is not None else list(spec.variants) or [None]
+    options: Dict[str, Tuple[Any, ...]] = {}
+    for name in names:
+        for f, v in base_values(spec, name).items():
+            if f not in searched and v not in options.setdefault(f, ()):
+                options[f] += (v,)
     options.update({d.field: d.values for d in spec.dimensions if d.kind in ("choice", "grid")})
     return options
 
 
-def grid_points(spec: "SweepSpec") -> Dict[str, List[Dict[str, Any]]]:
+def grid_points(spec: "SweepSpec", variant: Optional[str] = None) -> Dict[str, List[Dict[str, Any]]]:
     """The grid of a random/grid sweep per job section: its points (``section.key`` ->
     value, grid fields only), one trial each (``num_samples`` times; sections combine as a
-    product). A section without grid fields has one empty point.
+    product). A section without grid fields has one empty point. With variants, the grid
+    of ``variant``'s trials (each variant runs its own grid, collapsed under its job); with
+    none given, the grid collapsed where every variant agrees.
 
     The grid collapse: a grid field is left out of the points it is inert in
     (:data:`INERT_FIELDS`) where the point and the sweep decide that (the rule's conditions
@@ -217,7 +236,7 @@ def grid_points(spec: "SweepSpec") -> Dict[str, List[Dict[str, Any]]]:
     once, so no two trials differ only in a field without effect. Where a condition is
     drawn per trial, the point keeps the value; :func:`trial_job` replaces it.
     """
-    options = _options(spec)
+    options = _options(spec, variant)
     sections: Dict[str, List[SearchDim]] = {}
     for d in spec.dimensions:
         sections.setdefault(d.section, [])
@@ -236,11 +255,65 @@ def grid_points(spec: "SweepSpec") -> Dict[str, List[Dict[str, Any]]]:
     return out
 
 
-def drawn_inert_rules(spec: "SweepSpec", dim: "SearchDim") -> Tuple[InertRule, ...]:
-    """The rules that may make a drawn (non-grid) field inert in some trial of the sweep:
-    for those trials it is not drawn but runs with the rule's value."""
-    options = _options(spec)
+def drawn_inert_rules(spec: "SweepSpec", dim: "SearchDim", variant: Optional[str] = None) -> Tuple[InertRule, ...]:
+    """The rules that may make a drawn (non-grid) field inert in some trial of the sweep (of
+    ``variant``'s trials, when given): for those trials it is not drawn but runs with the
+    rule's value."""
+    options = _options(spec, variant)
     return tuple(r for r in INERT_FIELDS if r.field == dim.field and r.decide(options) is not False)
+
+
+# ---------------------------------------------------------------------------------------
+# variants
+# ---------------------------------------------------------------------------------------
+
+
+def split_variant(config: Mapping[str, Any]) -> Tuple[Optional[str], Dict[str, Any]]:
+    """A trial config's variant name (None: the sweep has no variants) and its other params.
+
+    Tune configs name the variant as ``config["variant"] = name``; where the grid differs
+    per variant the variant entry carries that variant's sections too, ``{"name": name,
+    "model": {...}}`` (see :func:`moe_lab.orchestration.tune.param_space`), merged back here.
+    """
+    params = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items() if k != VARIANT}
+    variant = config.get(VARIANT)
+    if isinstance(variant, Mapping):
+        inner = dict(variant)
+        variant = inner.pop("name", None)
+        for section, values in inner.items():
+            params.setdefault(section, {}).update(values)
+    return (None if variant is None else str(variant)), params
+
+
+def variant_overrides(spec: "SweepSpec", variant: Optional[str]) -> Dict[str, Any]:
+    """The job overrides (flat ``section.key`` -> value) of ``variant``; ``{}`` for None.
+    Raises ConfigError for a name the sweep does not have."""
+    if variant is None:
+        return {}
+    if variant not in spec.variants:
+        raise ConfigError(f"unknown variant {variant!r}; the sweep's variants are {list(spec.variants)}")
+    return dict(spec.variants[variant] or {})
+
+
+def _job_data(spec: "SweepSpec", variant: Optional[str]) -> Dict[str, Any]:
+    """The base job as a dict (overrides applied), with ``variant``'s overrides on top."""
+    if not isinstance(spec.base_job, dict):
+        spec = spec.resolve()
+    data = apply_overrides(spec.base_job, spec.overrides)
+    for name, value in variant_overrides(spec, variant).items():
+        section, key = name.split(".", 1)
+        data.setdefault(section, {})[key] = value
+    return data
+
+
+def base_values(spec: "SweepSpec", variant: Optional[str] = None) -> Dict[str, Any]:
+    """The flat ``section.key`` values of the job a trial starts from: the base job, with
+    ``variant``'s overrides (validated as a job when it can be, so defaults fill in)."""
+    data = _job_data(spec, variant)
+    try:
+        return job_values(JobSpec.from_dict(data))
+    except ConfigError:
+        return job_values(data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,16 +322,17 @@ def drawn_inert_rules(spec: "SweepSpec", dim: "SearchDim") -> Tuple[InertRule, .
 
 
 def trial_job(spec: "SweepSpec", params: Mapping[str, Any]) -> Tuple[JobSpec, List[str]]:
-    """The job one trial runs: the base job with ``params`` (flat or nested) applied.
+    """The job one trial runs: the base job, the trial's variant (``params["variant"]``,
+    when the sweep has variants), then ``params`` (flat or nested) applied.
 
     Returns ``(job, adjustments)``. A field that is inert for the trial (:data:`INERT_FIELDS`)
-    runs with the base job's value or the rule's fixed value, whatever ``params`` says (a
-    ``switch`` trial runs with ``model.experts_per_token=1``); where that changes the value,
-    it is recorded in adjustments. Raises ConfigError when the combination is invalid.
+    runs with the value of the job it starts from (the base job's, or the variant's) or the
+    rule's fixed value, whatever ``params`` says (a ``switch`` trial runs with
+    ``model.experts_per_token=1``); where that changes the value, it is recorded in
+    adjustments. Raises ConfigError when the combination is invalid.
     """
-    if not isinstance(spec.base_job, dict):
-        spec = spec.resolve()
-    data = apply_overrides(spec.base_job, spec.overrides)
+    variant, params = split_variant(params)
+    data = _job_data(spec, variant)
     base = job_values(data)
     flat = flatten_params(params)
     for name, value in flat.items():
@@ -275,7 +349,8 @@ def trial_job(spec: "SweepSpec", params: Mapping[str, Any]) -> Tuple[JobSpec, Li
     try:
         job = JobSpec.from_dict(data)
     except ConfigError as exc:
-        shown = ", ".join(f"{n}={v!r}" for n, v in flat.items())
+        shown = ", ".join(([f"{VARIANT}={variant!r}"] if variant is not None else [])
+                          + [f"{n}={v!r}" for n, v in flat.items()])
         raise ConfigError(f"trial config ({shown}) is invalid: {_strip_config_prefix(str(exc))}") from None
     return job, adjustments
 
@@ -293,19 +368,24 @@ def _strip_config_prefix(msg: str) -> str:
 
 def describe_trial(spec: "SweepSpec", config: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str], List[str]]:
     """What the results show for one trial's sampled ``config``: ``(values, adjustments,
-    notes)``. ``values`` holds each searched field as the trial ran it, or
-    :data:`NOT_APPLICABLE` where the field was inert; ``notes`` say why (one per such field).
-    A config the job rejects shows its sampled values."""
+    notes)``. ``values`` holds the trial's variant (with variants) and each searched field as
+    the trial ran it, or :data:`NOT_APPLICABLE` where the field was inert; ``notes`` say why
+    (one per such field, and one per field a variant sets without effect). A config the job
+    rejects shows its sampled values."""
     fields = [d.field for d in spec.dimensions]
+    variant, params = split_variant(config)
+    known = variant if variant in spec.variants else None  # an unknown name fails in trial_job
     try:
         job, adjustments = trial_job(spec, config)
         ran = job_values(job)
     except ConfigError:
         adjustments = []
-        ran = {**job_values(spec.job), **flatten_params(config)}
-    rules = inert_rules(ran, fields)
+        ran = {**base_values(spec, known), **flatten_params(params)}
+    variant_fields = [f for f in variant_overrides(spec, known) if f not in fields]
+    rules = inert_rules(ran, fields + variant_fields)
     inert = {r.field for r in rules}
-    values = {f: NOT_APPLICABLE if f in inert else plain_value(ran.get(f)) for f in fields}
+    values = {VARIANT: variant} if spec.variants else {}
+    values.update({f: NOT_APPLICABLE if f in inert else plain_value(ran.get(f)) for f in fields})
     return values, adjustments, [r.note for r in rules]
 
 

@@ -244,3 +244,66 @@ def test_utilization_per_layer_forms_still_give_one_panel_per_layer():
 def test_bad_utilization_raises_input_error_naming_the_expert(data, match):
     with pytest.raises(InputError, match=match):
         plot_expert_utilization(data)
+
+
+# ---------------------------------------------------------------------------------------
+# router bias (aux-loss-free balancing)
+# ---------------------------------------------------------------------------------------
+
+
+def _bias_metrics(path):
+    """A trainer-shaped metrics.jsonl: layer 1 carries router_bias, layer 3 does not; step 4 is
+    logged twice (a resumed run) and there is an eval record and a broken line."""
+    import json
+
+    def rec(step, b):
+        return {"step": step, "loss": 3.0, "moe_layers": [
+            {"layer": 1, "load_imbalance_max_mean": 1.2, "dropped_fraction": 0.0, "router_bias": b},
+            {"layer": 3, "load_imbalance_max_mean": 1.1, "dropped_fraction": 0.0}]}
+
+    lines = [rec(2, [0.01, -0.01, 0.01]), {"step": 2, "eval_loss": 3.1, "eval_perplexity": 22.0},
+             rec(4, [0.0, 0.0, 0.0]), rec(4, [0.02, -0.02, 0.0]), rec(6, [0.03, -0.01, -0.02])]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n{broken\n", encoding="utf-8")
+    return path
+
+
+def test_router_bias_history_reads_each_layers_bias_per_step(tmp_path):
+    from moe_lab.analytics import load_router_bias_history
+
+    history = load_router_bias_history(_bias_metrics(tmp_path / "metrics.jsonl"))
+    assert list(history) == [1]  # layer 3 has no bias
+    assert history[1]["step"] == [2, 4, 6]
+    assert history[1]["bias"] == [[0.01, -0.01, 0.01], [0.02, -0.02, 0.0], [0.03, -0.01, -0.02]]  # last record of 4
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"step": 1, "loss": 3.0, "moe_layers": [{"layer": 0, "load_imbalance_max_mean": 1.0, '
+                     '"dropped_fraction": 0.0}]}\n')
+    assert load_router_bias_history(plain) == {}
+
+
+def test_router_bias_plot_has_one_panel_per_layer_and_one_line_per_expert(tmp_path):
+    from moe_lab.analytics import load_router_bias_history, plot_router_bias
+
+    history = load_router_bias_history(_bias_metrics(tmp_path / "metrics.jsonl"))
+    history[5] = {"step": [2, 4], "bias": [[0.0, 0.1, -0.1], [0.1, 0.0, -0.1]]}
+    fig = plot_router_bias(history)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    ax = fig.axes[0]
+    assert ax.get_title() == "Router bias, layer 1"
+    lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("expert")]
+    assert [ln.get_label() for ln in lines] == ["expert 0", "expert 1", "expert 2"]
+    assert list(lines[1].get_xdata()) == [2, 4, 6] and list(lines[1].get_ydata()) == [-0.01, -0.02, -0.01]
+    path = TrainingVisualizer().plot_router_bias(tmp_path / "metrics.jsonl", save_path=tmp_path / "bias.png")
+    _assert_png(path)
+
+
+@pytest.mark.parametrize("history,match", [
+    ({}, r"router bias history is empty.*router_bias_update_rate"),
+    ({0: {"step": [1, 2]}}, r"layer 0 must have 'step' and 'bias'"),
+    ({0: {"step": [1, 2], "bias": [[0.0, 0.1]]}}, r"layer 0: 2 steps but 1 bias rows"),
+    ({2: {"step": [1], "bias": [[0.0], [0.1, 0.2]]}}, r"layer 2 bias must be a non-empty rectangular"),
+])
+def test_bad_router_bias_history_names_the_layer(history, match):
+    from moe_lab.analytics import plot_router_bias
+
+    with pytest.raises(InputError, match=match):
+        plot_router_bias(history)

@@ -38,6 +38,28 @@ def run(tmp_path_factory):
     return {"out": out, "ckpt": out / "model", "data": small}
 
 
+@pytest.fixture(scope="module")
+def bias_run(tmp_path_factory):
+    """A tiny model trained a few steps with aux-loss-free balancing (router_bias_update_rate):
+    its metrics.jsonl carries each MoE layer's router_bias."""
+    from moe_lab.training import MoETrainer
+
+    out = tmp_path_factory.mktemp("bias_run")
+    tok = ByteTokenizer()
+    corpus = build_corpus(size_bytes=20_000)
+    train = prepare_moe_dataset(corpus, tok, max_length=32, num_proc=None)
+    torch.manual_seed(0)
+    model = MoEModel(vocab_size=259, hidden_size=32, num_layers=2, num_attention_heads=4, num_experts=4,
+                     experts_per_token=2, expert_hidden_size=48, max_position_embeddings=64, dropout=0.0,
+                     load_balancing_loss_coef=0.0, router_bias_update_rate=0.01)
+    trainer = MoETrainer(model, tokenizer=tok, mixed_precision=False, progress_bar=False, tensorboard=False,
+                         logging_steps=1, seed=0)
+    trainer.train(train, num_epochs=1, batch_size=8, learning_rate=3e-3, warmup_steps=1, eval_steps=1000,
+                  save_steps=1000, output_dir=str(out), max_steps=4)
+    small = corpus.select(range(0, len(corpus), max(1, len(corpus) // 15)))
+    return {"out": out, "ckpt": out / "model", "data": small}
+
+
 def _images(html):
     imgs = IMG_RE.findall(html)
     for b64 in imgs:
@@ -126,3 +148,27 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert loaded and total, body.group(0)
     assert int(total.group(1)) == 4 and int(loaded.group(1)) == 4
     assert shot.read_bytes()[:8] == PNG_MAGIC and shot.stat().st_size > 10_000
+
+
+def test_report_plots_the_router_bias_when_training_logged_it(bias_run, tmp_path):
+    path = write_report(bias_run["ckpt"], tmp_path / "rep", data=bias_run["data"], num_samples=8)
+    html = path.read_text()
+    assert len(_images(html)) == 5  # the four of every report and the router bias
+    assert 'id="router-bias"' in html and 'href="#router-bias"' in html
+    assert (tmp_path / "rep" / "router_bias.png").read_bytes()[:8] == PNG_MAGIC
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    logged = [json.loads(line) for line in (bias_run["out"] / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if "loss" in r]
+    assert sorted(rep["router_bias"]) == ["0", "1"]
+    assert rep["router_bias"]["1"]["step"] == [r["step"] for r in train] == [1, 2, 3, 4]
+    assert rep["router_bias"]["1"]["bias"][-1] == train[-1]["moe_layers"][1]["router_bias"]
+    assert any(b != 0 for b in rep["router_bias"]["0"]["bias"][-1])  # it moved
+
+
+def test_report_has_no_router_bias_without_a_logged_bias(run, tmp_path):
+    path = write_report(run["ckpt"], tmp_path / "rep", data=run["data"], num_samples=8)
+    html = path.read_text()
+    assert "Training curves" in html and len(_images(html)) == 4
+    assert "router-bias" not in html and "Router bias" not in html
+    assert not (tmp_path / "rep" / "router_bias.png").exists()
+    assert "router_bias" not in json.loads((tmp_path / "rep" / "report.json").read_text())

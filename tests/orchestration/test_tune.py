@@ -230,6 +230,58 @@ def test_random_and_optuna_search_draw_no_inert_value(tmp_path):
         assert ("model/experts_per_token" in p) == (p["model/router_type"] != "switch"), p
 
 
+def _variant_sweep(tmp_path, **fields):
+    """Three recipes (one per router) x a coefficient grid x drawn top-k and learning rate."""
+    variants = {"tk": {}, "ec": {"model.router_type": "expert_choice"}, "sw": {"model.router_type": "switch"}}
+    space = {"model.load_balancing_loss_coef": {"grid": [0.001, 0.01]},
+             "model.experts_per_token": {"choice": [1, 2]},
+             "training.learning_rate": {"loguniform": [0.001, 0.01]}}
+    return load_sweep(_sweep(tmp_path, space, variants=variants, **fields))
+
+
+def test_tune_runs_each_variants_own_grid_and_draws(tmp_path):
+    """Each variant collapses its grid and decides its inert fields under its own job."""
+    from moe_lab.tuning import VARIANT
+
+    spec = _variant_sweep(tmp_path, num_samples=10)
+    assert spec.num_trials == 10 * (2 + 1 + 2)  # expert_choice: the coefficient is inert
+    configs = _tune_trial_configs(spec, tmp_path / "a")
+    assert len(configs) == spec.num_trials
+    jobs = {}
+    for c in configs:
+        job, _ = trial_job(spec, c)
+        jobs.setdefault(c[VARIANT]["name"], []).append(job)
+    assert {n: len(j) for n, j in jobs.items()} == {"tk": 20, "ec": 10, "sw": 20}
+    assert {j.model.router_type.value for j in jobs["ec"]} == {"expert_choice"}
+    assert all("load_balancing_loss_coef" not in c[VARIANT]["model"] for c in configs if c[VARIANT]["name"] == "ec")
+    assert {j.model.load_balancing_loss_coef for j in jobs["tk"]} == {0.001, 0.01}
+    assert {j.model.experts_per_token for j in jobs["sw"]} == {1}  # inert under switch: never drawn 2
+    assert {j.model.experts_per_token for j in jobs["tk"]} == {1, 2}
+    lrs = [j.training.learning_rate for js in jobs.values() for j in js]
+    assert len(set(lrs)) == len(lrs) and all(0.001 <= lr <= 0.01 for lr in lrs)
+    # the sweep's seed makes it reproducible
+    assert _tune_trial_configs(spec, tmp_path / "b") == configs
+
+
+def test_optuna_suggests_the_variant_first_and_nothing_inert_for_it(tmp_path):
+    import optuna
+
+    from moe_lab.orchestration.tune import OptunaSpace
+
+    space = OptunaSpace(_variant_sweep(tmp_path, search="optuna"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    params = []
+    for _ in range(15):
+        trial = study.ask()
+        space(trial)
+        params.append(trial.params)
+        study.tell(trial, 1.0)
+    assert {p["variant"] for p in params} == {"tk", "ec", "sw"}
+    for p in params:
+        assert ("model/load_balancing_loss_coef" in p) == (p["variant"] != "ec"), p
+        assert ("model/experts_per_token" in p) == (p["variant"] != "sw"), p
+
+
 # ---------------------------------------------------------------------------------------
 # sweeps on Ray
 # ---------------------------------------------------------------------------------------
@@ -417,3 +469,42 @@ def test_multi_worker_trial_reports_through_ray_train(ray_cluster, tmp_path):
     assert int(rows[2]["step"]) == 4
     assert float(rows[2]["eval_loss"]) == pytest.approx(float(rows[1]["eval_loss"]), rel=1e-4)
     assert (Path(rows[2]["trial_dir"]) / "train" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_the_balancing_study_shrunk_runs_end_to_end(ray_cluster, tmp_path):
+    """jobs/sweep_balancing.yaml with two of its recipes at smoke size: the study's CSV, plot
+    and printed table hold each variant's numbers, and each trial ran its variant's job."""
+    from rich.console import Console
+
+    from moe_lab.tuning import STUDY_CSV, print_balancing_table
+
+    data = yaml.safe_load((ROOT / "jobs" / "sweep_balancing.yaml").read_text())
+    data["variants"] = {k: data["variants"][k] for k in ("aux_micro_batch", "aux_free_bias")}
+    data.update(base_job=str(DEFAULT_JOB), output_dir=str(tmp_path), name="study")
+    data["overrides"] += ["model.hidden_size=32", "model.num_layers=1", "model.expert_hidden_size=32",
+                          "data.corpus_size_bytes=20000", "training.max_steps=4", "training.warmup_steps=0",
+                          "training.eval_steps=2", "training.eval_samples=8", "training.logging_steps=1"]
+    res = run_sweep(data, verbose=0)
+    assert res.num_errors == 0 and not res.interrupted
+    with open(res.directory / STUDY_CSV, newline="") as f:
+        study = {r["variant"]: r for r in csv.DictReader(f)}
+    assert list(study) == ["aux_micro_batch", "aux_free_bias"]
+    for r in study.values():
+        assert r["status"] == "completed" and int(r["step"]) == 4
+        for col in ("eval_loss", "eval_load_imbalance", "train_load_imbalance", "eval_dead_expert_fraction",
+                    "train_dropped_fraction"):
+            assert math.isfinite(float(r[col])), (col, r)
+        assert float(r["train_load_imbalance"]) >= 1.0
+    rows = {r["variant"]: r for r in res.rows}
+    assert float(study["aux_free_bias"]["eval_loss"]) == pytest.approx(rows["aux_free_bias"]["eval_loss"])
+    # each trial ran its recipe: only the bias trial logged a router bias
+    logged = {name: (Path(r["trial_dir"]) / "train" / "metrics.jsonl").read_text() for name, r in rows.items()}
+    assert '"router_bias"' in logged["aux_free_bias"] and '"router_bias"' not in logged["aux_micro_batch"]
+    assert res.study_plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res.study_plot_path.stat().st_size > 20000
+    console = Console(record=True, width=250)
+    print_balancing_table(res.study, title="study", console=console)
+    text = console.export_text()
+    for name, r in study.items():
+        line = next(ln for ln in text.splitlines() if name in ln)
+        assert f"{float(r['eval_loss']):.4g}" in line and f"{float(r['train_load_imbalance']):.4g}" in line

@@ -26,3 +26,9 @@ def test_cluster_trials_ask_for_what_the_spec_says():
     assert plan.resources == {"CPU": 2, "GPU": 0.5} and plan.torch_threads == 2
     assert plan.max_concurrent_trials == 2  # 1 GPU // 0.5, fewer than 16 // 2 CPUs
     assert plan_trials(spec, spec.job, local=False, cluster_cpus=3).max_concurrent_trials == 1  # 3 CPUs // 2
+
+
+def test_a_variant_with_workers_sizes_the_plan():
+    spec = load_sweep(SMOKE, ["variants.one.model.num_experts=4", "variants.two.scaling.num_workers=2"])
+    plan = plan_trials(spec, spec.job, local=False, cluster_cpus=16)
+    assert plan.num_workers == 2 and plan.resources == {"CPU": 0.25}
