@@ -5,8 +5,11 @@
 
 Invalid values raise :class:`moe_lab.errors.ConfigError` (also a ``ValueError``) with a
 message that names each bad field, its value and what was expected. Derived values
-(``kv_heads``, ``head_dim``, ``intermediate_size``, ``dense_ffn_size``, ``moe_layer_indices``)
-are properties, so what you store is exactly what is saved. Router-specific defaults
+(``kv_heads``, ``intermediate_size``, ``dense_ffn_size``, ``moe_layer_indices``)
+are properties, so what you store is exactly what is saved. ``head_dim`` is the one field
+that reads back derived: left unset (or ``None``) it reads as ``hidden_size //
+num_attention_heads``, follows later changes of those two and is saved as ``null``; set, it
+is saved and kept as given (transformers' name and meaning). Router-specific defaults
 (``capacity_factor=None``, ``router_jitter_noise=None``) are resolved by
 :func:`moe_lab.model.routers.build_router`.
 """
@@ -18,7 +21,7 @@ import json
 import os
 from typing import Any, Dict, Literal, Optional, Tuple, Type, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from .constants import (
     DEFAULT_EXPERTS_PER_TOKEN,
@@ -128,7 +131,14 @@ class _StrictModel(BaseModel):
 
 class MoEConfig(_StrictModel):
     """Architecture of an :class:`~moe_lab.MoEModel`: a pre-norm decoder (RMSNorm, RoPE,
-    causal SDPA attention, no biases) whose MLPs are MoE layers.
+    causal SDPA attention) whose MLPs are MoE layers. Linear layers have no biases, except
+    the q/k/v projections when ``attention_bias`` is set (Qwen2-MoE).
+
+    ``head_dim`` is the per-head width of the attention (q_proj: [heads * head_dim,
+    hidden_size]). ``None`` (the default) means ``hidden_size // num_attention_heads``; reading
+    ``cfg.head_dim`` always gives the effective width, an int, and a derived value is saved as
+    ``null`` so it follows ``replace(hidden_size=...)``. Set it to decouple the two (Qwen3-MoE:
+    hidden_size 2048, 32 heads of 128).
 
     Router options: ``capacity_factor=None`` means the router's own default (top_k: no
     capacity limit; switch: 1.25; expert_choice: 1.0). ``router_jitter_noise=None`` means
@@ -193,6 +203,9 @@ class MoEConfig(_StrictModel):
     shared_expert_intermediate_size: Optional[int] = Field(None, gt=0)  #: default num_shared * expert size
     shared_expert_gate: bool = False  #: a per-token sigmoid gate on the shared output (Qwen2-MoE)
     qk_norm: bool = False  #: RMSNorm on each head's queries and keys before RoPE (Qwen3)
+    #: per-head width; None: hidden_size // num_attention_heads (read back as that int)
+    head_dim: Optional[int] = Field(None, ge=1)
+    attention_bias: bool = False  #: biases on q_proj, k_proj and v_proj (Qwen2-MoE); never on o_proj
     # implementation
     moe_backend: Literal["auto", "grouped", "eager"] = "auto"
 
@@ -213,16 +226,23 @@ class MoEConfig(_StrictModel):
             problems.append(
                 f"experts_per_token ({self.experts_per_token}) must be <= num_experts ({self.num_experts})"
             )
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-        elif (self.hidden_size // self.num_attention_heads) % 2:
-            problems.append(
-                f"head dim hidden_size/num_attention_heads ({self.hidden_size // self.num_attention_heads}) "
-                "must be even for rotary embeddings"
-            )
+        head_dim_ok = True
+        if self.__dict__["head_dim"] is None or "head_dim" not in self.model_fields_set:
+            # derived head_dim: (re)computed here, also after an assignment to another field;
+            # "head_dim" in model_fields_set <=> the user gave it (see _save_head_dim)
+            if self.hidden_size % self.num_attention_heads:
+                head_dim_ok = False
+                problems.append(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}) unless head_dim is set"
+                )
+            self.__dict__["head_dim"] = max(1, self.hidden_size // self.num_attention_heads)
+            self.__pydantic_fields_set__.discard("head_dim")
+            derived = "head dim hidden_size/num_attention_heads"
+        else:
+            derived = "head_dim"
+        if head_dim_ok and self.head_dim % 2:
+            problems.append(f"{derived} ({self.head_dim}) must be even for rotary embeddings")
         if self.num_attention_heads % self.kv_heads:
             problems.append(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -261,14 +281,15 @@ class MoEConfig(_StrictModel):
             raise ValueError("; ".join(problems))
         return self
 
+    @field_serializer("head_dim")
+    def _save_head_dim(self, value: int) -> Optional[int]:
+        """A derived head_dim is saved as null, so a loaded config derives it again."""
+        return value if "head_dim" in self.model_fields_set else None
+
     # ---- derived values -------------------------------------------------------------
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def intermediate_size(self) -> int:

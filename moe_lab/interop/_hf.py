@@ -46,7 +46,9 @@ from ._io import (
     DEFAULT_MAX_SHARD_BYTES,
     PathLike,
     UnsupportedConversionError,
+    nonzero_bias_reasons,
     put_attention_and_norms,
+    put_attention_biases,
     resolve_dtype,
     rope_theta_of,
     write_json,
@@ -275,18 +277,26 @@ class ExportTensors:
             self.out[f"{hf_prefix}{e}.{names[1]}.weight"] = w_in[e, num_i:].clone()  # [I, D]
             self.out[f"{hf_prefix}{e}.{names[2]}.weight"] = w_out[e].clone()  # [D, I]
 
-    def convert(self, layer_mlp: Callable[[int, str, str], None], zero_qkv_bias: bool = False) -> Dict[str, torch.Tensor]:
+    def convert(
+        self, layer_mlp: Callable[[int, str, str], None], qkv_bias: bool = False, o_proj_bias: bool = False
+    ) -> Dict[str, torch.Tensor]:
         """Embeddings; per layer the attention (with QK-norm), the two norms and
         ``layer_mlp(i, moe_lab_prefix, hf_prefix)``; the final norm and the head. Raises
         :class:`UnsupportedConversionError` naming any tensor left unmapped.
-        ``zero_qkv_bias``: also write zero q/k/v biases (for a layout that always has them)."""
+
+        The q/k/v biases of ``attention_bias`` are written as they are. ``qkv_bias``: the
+        layout always has q/k/v biases (Qwen2-MoE), so a model without them gets zeros.
+        ``o_proj_bias``: the layout's flag also gives o_proj a bias (Qwen3-MoE's and Llama's
+        ``attention_bias``), written as zeros when the model has q/k/v biases."""
         self.put("model.embed_tokens.weight", "embed_tokens.weight")
         for i in range(self.config.num_layers):
             p, q = f"layers.{i}.", f"model.layers.{i}."
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 self.put(f"{q}self_attn.{proj}.weight", f"{p}attn.{proj}.weight")
-                if zero_qkv_bias and proj != "o_proj":
-                    w = self.out[f"{q}self_attn.{proj}.weight"]  # [out, D]
+                w = self.out[f"{q}self_attn.{proj}.weight"]  # [out, in]
+                if proj != "o_proj" and self.config.attention_bias:
+                    self.put(f"{q}self_attn.{proj}.bias", f"{p}attn.{proj}.bias")  # [out]
+                elif (proj != "o_proj" and qkv_bias) or (proj == "o_proj" and o_proj_bias and self.config.attention_bias):
                     self.out[f"{q}self_attn.{proj}.bias"] = w.new_zeros(w.shape[0])
             if self.config.qk_norm:
                 self.put(f"{q}self_attn.q_norm.weight", f"{p}attn.q_norm.weight")
@@ -335,15 +345,8 @@ def trunk_fields(cfg: HFConfig, problems: List[str], overrides: Dict[str, Any], 
             f"hidden_act is {act_name!r}; moe_lab's gated MLPs implement 'silu' (swiglu) and 'gelu' (geglu) exactly"
         )
     hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
-    head_dim = cfg.raw.get("head_dim")
-    if head_dim is not None and heads and head_dim * heads != hidden:
-        problems.append(
-            f"head_dim ({head_dim}) * num_attention_heads ({heads}) != hidden_size ({hidden}); moe_lab uses "
-            "head_dim = hidden_size / num_attention_heads"
-        )
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.raw.get(flag):
-            problems.append(f"{flag}=True; moe_lab's layers have no biases")
+    if cfg.raw.get("mlp_bias"):
+        problems.append("mlp_bias=True; moe_lab's MLPs and experts have no biases")
     rope_theta = rope_theta_of(cfg.raw, cfg.defaults["rope_theta"], problems)
     context = overrides.get("max_position_embeddings") or cfg.get("max_position_embeddings")
     if window and window < context:
@@ -358,6 +361,7 @@ def trunk_fields(cfg: HFConfig, problems: List[str], overrides: Dict[str, Any], 
         "num_layers": cfg.get("num_hidden_layers"),
         "num_attention_heads": heads,
         "num_key_value_heads": cfg.get("num_key_value_heads"),
+        "head_dim": head_dim_field(cfg.raw.get("head_dim"), hidden, heads),
         "max_position_embeddings": cfg.get("max_position_embeddings"),
         "rope_theta": rope_theta,
         "rms_norm_eps": cfg.get("rms_norm_eps"),
@@ -368,6 +372,14 @@ def trunk_fields(cfg: HFConfig, problems: List[str], overrides: Dict[str, Any], 
         "expert_type": "glu",
         "activation": (activation or ActivationType.SWIGLU).value,
     }
+
+
+def head_dim_field(head_dim: Optional[int], hidden: int, heads: int) -> Optional[int]:
+    """MoEConfig's ``head_dim`` for a transformers one: None (derived) when it is absent or
+    equals ``hidden // heads`` (what transformers derives too), else the value itself."""
+    if head_dim is None or (heads and hidden % heads == 0 and head_dim == hidden // heads):
+        return None
+    return head_dim
 
 
 def finish_config(
@@ -484,16 +496,26 @@ class TensorMapper:
             self.out[f"{dst}w_in"] = torch.stack(gate_up)  # [E, 2I, D]
             self.out[f"{dst}w_out"] = torch.stack(down)  # [E, D, I]
 
-    def convert(self, layer_mlp: Callable[[int, str], None], what: str) -> Dict[str, torch.Tensor]:
-        """Embeddings; per layer the attention (with QK-norm), the two norms and
-        ``layer_mlp(i, prefix)``; the final norm and the head (a tied head must equal the
-        embeddings). Raises :class:`CheckpointError` listing every problem."""
+    def convert(
+        self, layer_mlp: Callable[[int, str], None], what: str, biased: Sequence[str] = ()
+    ) -> Dict[str, torch.Tensor]:
+        """Embeddings; per layer the attention (its q/k/v biases with ``attention_bias``, and
+        QK-norm), the two norms and ``layer_mlp(i, prefix)``; the final norm and the head (a
+        tied head must equal the embeddings). ``biased``: the projections the format can give
+        a bias (see :func:`put_attention_biases`). Raises :class:`CheckpointError` listing every
+        missing, unexpected and mis-shaped tensor, then :class:`UnsupportedConversionError`
+        listing every non-zero attention bias moe_lab has no place for (o_proj's, or q/k/v's
+        without ``attention_bias``; zero ones are dropped)."""
         cfg = self.config
         d, dh = cfg.hidden_size, cfg.head_dim
+        nonzero: List[str] = []
         self.put("embed_tokens.weight", "embed_tokens.weight", (cfg.vocab_size, d))
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
-            put_attention_and_norms(self.put, i, d, cfg.num_attention_heads * dh, cfg.kv_heads * dh)
+            q_out, kv_out = cfg.num_attention_heads * dh, cfg.kv_heads * dh
+            put_attention_and_norms(self.put, i, d, q_out, kv_out)
+            put_attention_biases(self.put, self.take, self.src.__contains__, i, d, q_out, kv_out,
+                                 cfg.attention_bias, biased, nonzero)
             if cfg.qk_norm:
                 self.put(f"{p}attn.q_norm.weight", f"{p}self_attn.q_norm.weight", (dh,))
                 self.put(f"{p}attn.k_norm.weight", f"{p}self_attn.k_norm.weight", (dh,))
@@ -515,6 +537,9 @@ class TensorMapper:
                 + describe_key_mismatch(self.missing, unexpected, self.mismatched,
                                         f"tensors moe_lab's {what} layout has no place for")
             )
+        if nonzero:
+            raise UnsupportedConversionError(f"this {what} checkpoint cannot be loaded exactly by moe_lab",
+                                             nonzero_bias_reasons(nonzero, cfg.attention_bias))
         return self.out
 
 

@@ -83,3 +83,50 @@ def put_attention_and_norms(put: Callable[[str, str, tuple], None], layer: int, 
     put(f"{p}attn.o_proj.weight", f"{p}self_attn.o_proj.weight", (d, q_out))
     put(f"{p}input_norm.weight", f"{p}input_layernorm.weight", (d,))
     put(f"{p}post_attn_norm.weight", f"{p}post_attention_layernorm.weight", (d,))
+
+
+def put_attention_biases(
+    put: Callable[[str, str, tuple], None],
+    take: Callable[[str, tuple], Optional[torch.Tensor]],
+    has: Callable[[str], bool],
+    layer: int,
+    d: int,
+    q_out: int,
+    kv_out: int,
+    attention_bias: bool,
+    layout: Sequence[str],
+    nonzero: List[str],
+) -> None:
+    """Map one layer's attention biases from transformers names to moe_lab's.
+
+    With ``attention_bias`` the q/k/v biases are moe_lab's ``attn.{q,k,v}_proj.bias``.
+    ``layout``: the projections the source format can give a bias (Qwen2-MoE: q/k/v; Llama,
+    Qwen3-MoE: q/k/v/o; Mixtral: none). Any other bias of those the source holds (q/k/v
+    without ``attention_bias``, and ``o_proj``, which moe_lab never has) is exact only when
+    zero: zero ones are dropped, non-zero ones are appended to ``nonzero`` (full names). A
+    bias outside ``layout`` is left alone (the caller reports it as unexpected).
+    """
+    p = f"layers.{layer}."
+    for proj, n, mapped in (("q_proj", q_out, attention_bias), ("k_proj", kv_out, attention_bias),
+                            ("v_proj", kv_out, attention_bias), ("o_proj", d, False)):
+        key = f"{p}self_attn.{proj}.bias"
+        if mapped:
+            put(f"{p}attn.{proj}.bias", key, (n,))
+        elif proj in layout and has(key):
+            t = take(key, (n,))
+            if t is not None and not t.is_meta and bool(t.any()):
+                nonzero.append(f"model.{key}")
+
+
+QKV = ("q_proj", "k_proj", "v_proj")  #: the projections Qwen2-MoE's qkv_bias covers
+QKVO = QKV + ("o_proj",)  #: the projections Llama's and Qwen3-MoE's attention_bias covers
+
+
+def nonzero_bias_reasons(nonzero: Sequence[str], attention_bias: bool) -> List[str]:
+    """One refusal reason per non-zero bias that moe_lab cannot hold (see put_attention_biases)."""
+    return [
+        f"{key} is non-zero; moe_lab's o_proj has no bias (zero ones are accepted)" if ".o_proj." in key else
+        f"{key} is non-zero but attention_bias={attention_bias} (zero ones are accepted; do not override "
+        "attention_bias=False)"
+        for key in nonzero
+    ]

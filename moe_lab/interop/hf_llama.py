@@ -9,9 +9,11 @@ say "no MoE layers"). Its only use is as the source of :func:`moe_lab.upcycle`.
 
 Mapping: ``mlp.gate_proj`` and ``mlp.up_proj`` [I, D] become the dense MLP's fused
 ``up.weight`` [2I, D] (gate rows first), ``mlp.down_proj`` becomes ``down.weight``; the
-attention, norms, embeddings and head map as for Mixtral. Features moe_lab cannot run
-exactly (biases, scaled RoPE, head_dim != hidden/heads, a sliding window shorter than the
-context, other activations) are refused with every reason listed. Read through
+attention, norms, embeddings and head map as for Mixtral; ``head_dim`` becomes MoEConfig's
+``head_dim`` and ``attention_bias`` its ``attention_bias`` (Llama's also gives o_proj a bias,
+which must then be zero: moe_lab's o_proj has none). Features moe_lab cannot run exactly (MLP
+biases, a non-zero o_proj bias, scaled RoPE, a sliding window shorter than the context, other
+activations) are refused with every reason listed. Read through
 :class:`moe_lab.checkpoint.Checkpoint` (JSON and safetensors only; transformers is not needed).
 """
 
@@ -26,7 +28,16 @@ from torch import nn
 from ..checkpoint import Checkpoint, describe_key_mismatch, read_config_json
 from ..config import MoEConfig
 from ..errors import CheckpointError, ConfigError
-from ._io import PathLike, UnsupportedConversionError, put_attention_and_norms, rope_theta_of
+from ._hf import head_dim_field
+from ._io import (
+    QKVO,
+    PathLike,
+    UnsupportedConversionError,
+    nonzero_bias_reasons,
+    put_attention_and_norms,
+    put_attention_biases,
+    rope_theta_of,
+)
 
 #: transformers defaults for the fields a config.json may leave out
 DENSE_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -81,16 +92,9 @@ def dense_config_from_hf(raw: Dict[str, Any], **overrides: Any) -> MoEConfig:
     act = get("hidden_act")
     if act not in _ACTS:
         problems.append(f"hidden_act is {act!r}; moe_lab's gated MLPs implement 'silu' and 'gelu' exactly")
-    for flag in ("attention_bias", "mlp_bias"):
-        if raw.get(flag):
-            problems.append(f"{flag}=True; moe_lab's layers have no biases")
+    if raw.get("mlp_bias"):
+        problems.append("mlp_bias=True; moe_lab's MLPs have no biases")
     hidden, heads = get("hidden_size"), get("num_attention_heads")
-    head_dim = raw.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        problems.append(
-            f"head_dim ({head_dim}) * num_attention_heads ({heads}) != hidden_size ({hidden}); moe_lab uses "
-            "head_dim = hidden_size / num_attention_heads"
-        )
     rope_theta = rope_theta_of(raw, defaults["rope_theta"], problems)
     window = raw.get("sliding_window", defaults["sliding_window"])
     context = overrides.get("max_position_embeddings") or get("max_position_embeddings")
@@ -109,6 +113,8 @@ def dense_config_from_hf(raw: Dict[str, Any], **overrides: Any) -> MoEConfig:
         "num_layers": num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
+        "head_dim": head_dim_field(raw.get("head_dim"), hidden, heads),
+        "attention_bias": bool(raw.get("attention_bias")),  # mistral has no such field: False
         "max_position_embeddings": get("max_position_embeddings"),
         "rope_theta": rope_theta,
         "rms_norm_eps": get("rms_norm_eps"),
@@ -134,13 +140,18 @@ def dense_config_from_hf(raw: Dict[str, Any], **overrides: Any) -> MoEConfig:
 
 
 def dense_state_dict_from_hf(state: Dict[str, torch.Tensor], config: MoEConfig) -> Dict[str, torch.Tensor]:
-    """Llama-layout weights under the names of an all-dense MoEModel (CheckpointError lists problems)."""
+    """Llama-layout weights under the names of an all-dense MoEModel.
+
+    Raises:
+        CheckpointError: listing missing, unexpected and mis-shaped tensors.
+        UnsupportedConversionError: non-zero o_proj biases (all listed).
+    """
     src = {(k[len("model.") :] if k.startswith("model.") else k): v for k, v in state.items()}
     if "lm_head.weight" in state:
         src["lm_head.weight"] = state["lm_head.weight"]
     d, inner = config.hidden_size, config.dense_ffn_size
     q_out, kv_out = config.num_attention_heads * config.head_dim, config.kv_heads * config.head_dim
-    used, missing, mismatched = set(), [], []
+    used, missing, mismatched, nonzero = set(), [], [], []
     out: Dict[str, torch.Tensor] = {}
 
     def take(key: str, shape: tuple) -> Any:
@@ -162,6 +173,7 @@ def dense_state_dict_from_hf(state: Dict[str, torch.Tensor], config: MoEConfig) 
     for i in range(config.num_layers):
         p = f"layers.{i}."
         put_attention_and_norms(put, i, d, q_out, kv_out)
+        put_attention_biases(put, take, src.__contains__, i, d, q_out, kv_out, config.attention_bias, QKVO, nonzero)
         gate = take(f"{p}mlp.gate_proj.weight", (inner, d))
         up = take(f"{p}mlp.up_proj.weight", (inner, d))
         if gate is not None and up is not None:
@@ -176,6 +188,9 @@ def dense_state_dict_from_hf(state: Dict[str, torch.Tensor], config: MoEConfig) 
     unexpected = sorted(k for k in set(src) - used if not k.endswith("rotary_emb.inv_freq"))
     if missing or unexpected or mismatched:
         raise CheckpointError("the dense weights do not match the config: " + describe_key_mismatch(missing, unexpected, mismatched, "tensors with no place in moe_lab's layout"))
+    if nonzero:
+        raise UnsupportedConversionError("this Llama checkpoint cannot be loaded exactly by moe_lab",
+                                         nonzero_bias_reasons(nonzero, config.attention_bias))
     return out
 
 

@@ -103,7 +103,9 @@ def mixtral_export_problems(config: MoEConfig) -> List[str]:
 
     Mixtral: every layer is an MoE layer of gated (SwiGLU/GeGLU) experts, routed by a
     bias-free linear router to the top-k experts by softmax probability, with the k weights
-    renormalised to sum to 1 and no capacity limit; no shared experts, no QK-norm.
+    renormalised to sum to 1 and no capacity limit; no shared experts, no QK-norm, no
+    attention biases. Any ``head_dim`` is fine (Mixtral's ``head_dim`` field; transformers
+    honours it).
     """
     problems = routing_problems(config, "Mixtral", renormalises=True)
     dense = [i for i in range(config.num_layers) if not config.is_moe_layer(i)]
@@ -120,6 +122,10 @@ def mixtral_export_problems(config: MoEConfig) -> List[str]:
         )
     if config.qk_norm:
         problems.append("qk_norm=True: Mixtral attention has no QK-norm (hf-qwen3-moe has it)")
+    if config.attention_bias:
+        problems.append(
+            "attention_bias=True: Mixtral's q/k/v projections have no biases (hf-qwen2-moe and hf-qwen3-moe have them)"
+        )
     return problems
 
 

@@ -17,11 +17,19 @@ What each layout is, and what moe_lab config expresses it:
   ``shared_expert_intermediate_size`` scaled by ``sigmoid(shared_expert_gate(x))``
   (``num_shared_experts >= 1`` with ``shared_expert_gate=True``; N moe_lab shared experts
   are one MLP N times as wide). No QK-norm. Its q/k/v projections have biases
-  (``qkv_bias``): moe_lab has none, so an export writes zero biases and an import accepts
-  zero biases and refuses non-zero ones (naming the layers) rather than drop them.
+  (``qkv_bias``, always true in transformers v4): an import sets ``attention_bias=True``
+  and maps them; an export always writes ``qkv_bias: true`` with the model's biases, or
+  zeros when it has none (``attention_bias=False``: transformers v4 always builds them), and
+  such an export imports back without biases (the embedded config says so; the zeros are
+  dropped, a non-zero one is refused).
 - **Qwen3-MoE** (``Qwen3MoeForCausalLM``): the same MoE and dense layers without shared
   experts, and QK-norm (``qk_norm=True``: RMSNorm over each head's Dh values of q and k,
-  before RoPE). ``attention_bias=True`` is refused.
+  before RoPE). Its ``attention_bias`` gives q/k/v **and o_proj** biases: it maps to moe_lab's
+  ``attention_bias`` (q/k/v only), so an export writes zero o_proj biases and an import
+  accepts zero o_proj biases and refuses non-zero ones (naming each).
+
+Both write and read ``head_dim`` (Qwen3-MoE: 128 with hidden_size 2048 and 32 heads): a
+``head_dim`` other than ``hidden_size / num_attention_heads`` becomes MoEConfig's ``head_dim``.
 
 Tensor names (``model.layers.{i}.`` prefix; what ``save_pretrained`` writes in transformers
 v4 and v5; the import also reads v5's fused ``mlp.experts.gate_up_proj`` / ``down_proj``):
@@ -30,6 +38,7 @@ v4 and v5; the import also reads v5's fused ``mlp.experts.gate_up_proj`` / ``dow
 transformers                                                    moe_lab (``layers.{i}.`` prefix)
 ==============================================================  ==========================================
 ``self_attn.{q,k,v,o}_proj.weight``, ``self_attn.{q,k}_norm``   ``attn.{q,k,v,o}_proj.weight``, ``attn.{q,k}_norm``
+``self_attn.{q,k,v}_proj.bias`` [H*Dh], [Hkv*Dh]                 ``attn.{q,k,v}_proj.bias`` (``attention_bias``)
 ``mlp.gate.weight`` [E, D]                                      ``mlp.router.gate.weight``
 ``mlp.experts.{e}.{gate,up}_proj.weight`` [I, D]                ``mlp.experts.w_in[e, :I]`` / ``[e, I:]``
 ``mlp.experts.{e}.down_proj.weight`` [D, I]                     ``mlp.experts.w_out[e]``
@@ -71,7 +80,7 @@ from ._hf import (
     routing_problems,
     trunk_fields,
 )
-from ._io import DEFAULT_MAX_SHARD_BYTES, PathLike, UnsupportedConversionError, dtype_name
+from ._io import DEFAULT_MAX_SHARD_BYTES, QKV, QKVO, PathLike, dtype_name
 
 FORMATS = ("hf-qwen2-moe", "hf-qwen3-moe")
 QWEN2_MOE, QWEN3_MOE = "qwen2_moe", "qwen3_moe"  #: the transformers model_type values
@@ -177,6 +186,7 @@ def _config_dict(config: MoEConfig, model_type: str, ids: TokenIds, dtype: torch
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
         "hidden_act": ACT_TO_HF[ActivationType(config.activation)],
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": config.initializer_range,
@@ -204,11 +214,12 @@ def _config_dict(config: MoEConfig, model_type: str, ids: TokenIds, dtype: torch
     if model_type == QWEN2_MOE:
         out.update({
             "shared_expert_intermediate_size": config.shared_intermediate_size,
-            "qkv_bias": True,  # always there in transformers v4: written as zeros
+            "qkv_bias": True,  # always there in transformers v4: zeros without attention_bias
             "max_window_layers": config.num_layers,
         })
     else:
-        out.update({"num_local_experts": config.num_experts, "attention_bias": False})  # v5 name too
+        # attention_bias: q/k/v and o_proj biases (o_proj's written as zeros)
+        out.update({"num_local_experts": config.num_experts, "attention_bias": config.attention_bias})  # v5 name too
     return out
 
 
@@ -245,16 +256,16 @@ def _qwen_state_dict(model: nn.Module, dtype: Optional[torch.dtype], model_type:
             t.glu(f"{q}mlp.shared_expert.", f"{p}mlp.shared_experts.gate_up.weight", f"{p}mlp.shared_experts.down.weight")
             t.put(f"{q}mlp.shared_expert_gate.weight", f"{p}mlp.shared_expert_gate.weight")  # [1, D]
 
-    return t.convert(layer_mlp, zero_qkv_bias=model_type == QWEN2_MOE)
+    return t.convert(layer_mlp, qkv_bias=model_type == QWEN2_MOE, o_proj_bias=model_type == QWEN3_MOE)
 
 
 def qwen2_moe_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-    """The weights of ``model`` under Qwen2-MoE names (with zero q/k/v biases), on CPU."""
+    """The weights of ``model`` under Qwen2-MoE names (zero q/k/v biases without ``attention_bias``), on CPU."""
     return _qwen_state_dict(model, dtype, QWEN2_MOE)
 
 
 def qwen3_moe_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-    """The weights of ``model`` under Qwen3-MoE names, on CPU."""
+    """The weights of ``model`` under Qwen3-MoE names (zero o_proj biases with ``attention_bias``), on CPU."""
     return _qwen_state_dict(model, dtype, QWEN3_MOE)
 
 
@@ -350,10 +361,12 @@ def moe_config_from_qwen(raw: Dict[str, Any], **overrides: Any) -> MoEConfig:
             "num_shared_experts": 1,
             "shared_expert_intermediate_size": cfg.get("shared_expert_intermediate_size"),
             "shared_expert_gate": True,
+            "attention_bias": bool(cfg.get("qkv_bias")),
         })
         config_dict = qwen2_moe_config_dict
     else:
         fields["qk_norm"] = True
+        fields["attention_bias"] = bool(cfg.get("attention_bias"))
         config_dict = qwen3_moe_config_dict
     return finish_config(raw, fields, problems, what, overrides, config_dict)
 
@@ -363,25 +376,18 @@ def moe_state_dict_from_qwen(
 ) -> Dict[str, torch.Tensor]:
     """Qwen2-MoE / Qwen3-MoE weights (per-expert or fused v5 names) under moe_lab names.
 
-    Zero q/k/v biases (Qwen2-MoE) are dropped; non-zero ones are refused.
+    With ``config.attention_bias`` the q/k/v biases are mapped; the other attention biases
+    (Qwen3-MoE's o_proj, q/k/v without ``attention_bias``) are dropped when zero and refused
+    otherwise.
 
     Raises:
         CheckpointError: listing missing, unexpected and mis-shaped tensors.
-        UnsupportedConversionError: non-zero q/k/v biases (all listed).
+        UnsupportedConversionError: non-zero biases moe_lab has no place for (all listed).
     """
     m = TensorMapper(state, config)
-    d, dh = config.hidden_size, config.head_dim
-    nonzero: List[str] = []
+    d = config.hidden_size
 
     def layer_mlp(i: int, p: str) -> None:
-        if model_type == QWEN2_MOE:
-            for proj, heads in (("q_proj", config.num_attention_heads), ("k_proj", config.kv_heads),
-                                ("v_proj", config.kv_heads)):
-                key = f"{p}self_attn.{proj}.bias"
-                if key in m.src:
-                    bias = m.take(key, (heads * dh,))
-                    if bias is not None and not bias.is_meta and bool(bias.any()):
-                        nonzero.append(f"model.{key}")
         if not config.is_moe_layer(i):
             m.glu(f"{p}mlp.up.weight", f"{p}mlp.down.weight", f"{p}mlp.", config.dense_ffn_size)
             return
@@ -393,13 +399,7 @@ def moe_state_dict_from_qwen(
             if config.shared_expert_gate:
                 m.put(f"{p}mlp.shared_expert_gate.weight", f"{p}mlp.shared_expert_gate.weight", (1, d))
 
-    out = m.convert(layer_mlp, _NAMES[model_type])
-    if nonzero:
-        raise UnsupportedConversionError(
-            f"this {_NAMES[model_type]} checkpoint cannot be loaded exactly by moe_lab",
-            [f"{key} is non-zero; moe_lab's attention has no biases (zero biases are accepted)" for key in nonzero],
-        )
-    return out
+    return m.convert(layer_mlp, _NAMES[model_type], biased=QKV if model_type == QWEN2_MOE else QKVO)
 
 
 def load_hf_qwen_moe(path: PathLike, **overrides: Any) -> nn.Module:

@@ -1,8 +1,10 @@
 """MoEModel: a pre-norm decoder-only transformer whose MLPs are Mixture-of-Experts layers.
 
 Read top to bottom: RMSNorm, rotary embeddings, causal attention (SDPA, grouped-query
-capable, optional QK-norm), dense MLP, decoder layer, model. No biases anywhere, so the
-model maps exactly onto the transformers Mixtral, Qwen2-MoE and Qwen3-MoE layouts.
+capable, optional QK-norm), dense MLP, decoder layer, model. No biases except the optional
+q/k/v projection biases (``attention_bias``, Qwen2-MoE; o_proj never has one), and a per-head
+width ``head_dim`` that may differ from ``hidden_size / num_attention_heads`` (Qwen3-MoE),
+so the model maps exactly onto the transformers Mixtral, Qwen2-MoE and Qwen3-MoE layouts.
 
     model = MoEModel(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4)
     logits = model(input_ids)                                        # [B, S, V]
@@ -77,7 +79,11 @@ def apply_rotary(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Ten
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query support, via SDPA."""
+    """Causal multi-head attention with grouped-query support, via SDPA.
+
+    q_proj [H*Dh, D], k_proj and v_proj [Hkv*Dh, D], o_proj [D, H*Dh], with Dh =
+    ``config.head_dim``; q/k/v carry biases (initialised to zero) when ``config.attention_bias``.
+    """
 
     def __init__(self, config: MoEConfig, layer_idx: int) -> None:
         super().__init__()
@@ -86,9 +92,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         #: QK-norm (Qwen3): RMSNorm over each head's Dh values of q and k, before RoPE
         self.q_norm: Optional[nn.RMSNorm] = None
@@ -288,6 +295,8 @@ class MoEModel(nn.Module):
             if isinstance(module, nn.Linear):
                 is_out = name.endswith("o_proj") or name.endswith("mlp.down")
                 nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)  # the q/k/v biases of attention_bias
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
 

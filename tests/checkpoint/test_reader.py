@@ -54,8 +54,8 @@ def test_open_refuses_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="has no config.json"):
         Checkpoint.open(tmp_path / "empty")
     (tmp_path / "qwen").mkdir()
-    (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "qwen2_moe"}))
-    with pytest.raises(CheckpointError, match=r"model_type 'qwen2_moe'.*\['llama', 'mistral', 'mixtral'\]"):
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
+    with pytest.raises(CheckpointError, match=r"model_type 'deepseek_v3'.*\['llama', 'mistral', 'mixtral', 'qwen2_moe', 'qwen3_moe'\]"):
         Checkpoint.open(tmp_path / "qwen")
     assert {"mixtral", "llama", "mistral"} <= set(registered_formats())
 

@@ -63,9 +63,10 @@ def tiny_mixtral():
     return _tiny_mixtral
 
 
-def _tiny_qwen(tmp_path, model_type="qwen2_moe", name=None, seed=0, **overrides):
+def _tiny_qwen(tmp_path, model_type="qwen2_moe", name=None, seed=0, zero_biases=True, **overrides):
     """A random Qwen2MoeForCausalLM / Qwen3MoeForCausalLM built and saved locally (no download),
-    with zero q/k/v biases (moe_lab has none); returns (dir, model)."""
+    with zero attention biases unless ``zero_biases=False`` (then random q/k/v biases; an
+    o_proj bias stays zero); returns (dir, model)."""
     import transformers
 
     kwargs = dict(
@@ -84,7 +85,7 @@ def _tiny_qwen(tmp_path, model_type="qwen2_moe", name=None, seed=0, **overrides)
     _randomize(model, seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("proj.bias"):
+            if n.endswith("proj.bias") and (zero_biases or n.endswith("o_proj.bias")):
                 p.zero_()
     model.eval()
     out = tmp_path / (name or model_type)

@@ -44,8 +44,9 @@ def _compare(ours, hf, ids, mask=None, positions=None):
         {},  # swiglu, top-2, GQA
         {"activation": "geglu", "num_key_value_heads": 4, "experts_per_token": 1},
         {"tie_word_embeddings": True, "experts_per_token": 3, "rope_theta": 500.0, "rms_norm_eps": 1e-6},
+        {"head_dim": 12},  # hidden 32 / 4 heads = 8: Mixtral's head_dim field carries it
     ],
-    ids=["swiglu-gqa-top2", "geglu-mha-top1", "tied-top3"],
+    ids=["swiglu-gqa-top2", "geglu-mha-top1", "tied-top3", "head-dim12"],
 )
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, randomize, padded_batch, overrides):
     cfg = tiny_config(**{"num_key_value_heads": 2, **overrides})
@@ -163,14 +164,14 @@ def test_export_refuses_to_overwrite(tmp_path, randomize):
 def test_export_lists_every_reason_it_refuses(tmp_path):
     cfg = tiny_config(
         num_layers=4, moe_layer_frequency=2, expert_type="ffn", activation="gelu", router_bias=True,
-        normalize_router_weights=False, capacity_factor=1.0,
+        normalize_router_weights=False, capacity_factor=1.0, attention_bias=True,
     )
     with pytest.raises(UnsupportedConversionError) as err:
         export_hf_mixtral(MoEModel(config=cfg), tmp_path / "hf")
     msg = str(err.value)
-    assert len(err.value.reasons) == 5, err.value.reasons
+    assert len(err.value.reasons) == 6, err.value.reasons
     for needle in ("capacity_factor=1.0", "expert_type is 'ffn'", "layers [0, 2] dense", "normalize_router_weights",
-                   "router_bias"):
+                   "router_bias", "attention_bias=True"):
         assert needle in msg, (needle, msg)
     assert not (tmp_path / "hf").exists()
 
@@ -217,6 +218,16 @@ def test_load_pretrained_moe_reads_a_transformers_mixtral(tmp_path, tiny_mixtral
     assert diff < ATOL
 
 
+def test_import_maps_head_dim(tmp_path, tiny_mixtral, padded_batch):
+    path, hf = tiny_mixtral(tmp_path, head_dim=16)  # hidden 32, 4 heads
+    assert hf.model.layers[0].self_attn.q_proj.weight.shape == (64, 32)
+    model = load_pretrained_moe(path).eval()
+    assert model.config.head_dim == 16
+    ids, mask, positions = padded_batch()
+    diff, scale = _compare(model, hf, ids, mask, positions)
+    assert scale > 0.5 and diff < ATOL
+
+
 def test_import_reads_the_fused_v5_layout(tmp_path, tiny_mixtral, padded_batch):
     """Checkpoints with transformers-v5 parameter names (mlp.gate / experts.gate_up_proj) load too."""
     path, hf = tiny_mixtral(tmp_path)
@@ -241,13 +252,13 @@ def test_import_applies_overrides(tmp_path, tiny_mixtral):
 def test_import_refuses_unsupported_mixtral_features(tmp_path, tiny_mixtral):
     path, _ = tiny_mixtral(tmp_path)
     raw = json.loads((path / "config.json").read_text())
-    raw.update(hidden_act="gelu_pytorch_tanh", head_dim=16, sliding_window=8)
+    raw.update(hidden_act="gelu_pytorch_tanh", mlp_bias=True, sliding_window=8)
     raw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
     (path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(UnsupportedConversionError) as err:
         load_pretrained_moe(path)
     assert len(err.value.reasons) == 4, err.value.reasons
-    for needle in ("gelu_pytorch_tanh", "head_dim (16)", "yarn", "sliding_window=8"):
+    for needle in ("gelu_pytorch_tanh", "mlp_bias=True", "yarn", "sliding_window=8"):
         assert needle in str(err.value)
 
 

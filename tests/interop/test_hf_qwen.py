@@ -60,6 +60,10 @@ CASES = {
     "qwen3-unnormed-top2": ("qwen3_moe", dict(qk_norm=True, normalize_router_weights=False, num_key_value_heads=2)),
     "qwen3-dense-layers-top3": ("qwen3_moe", dict(
         qk_norm=True, num_layers=4, moe_layer_frequency=2, experts_per_token=3, rms_norm_eps=1e-6)),
+    # hidden 32 / 4 heads = 8: an explicit head_dim, and q/k/v biases (random, see randomize)
+    "qwen2-bias-head-dim16": ("qwen2_moe", dict(QWEN2, attention_bias=True, head_dim=16, num_key_value_heads=2)),
+    "qwen3-bias-head-dim12-dense": ("qwen3_moe", dict(
+        qk_norm=True, attention_bias=True, head_dim=12, num_layers=3, moe_layer_frequency=2)),
 }
 
 
@@ -77,7 +81,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, randomize, pad
     _assert_same_logits(model, hf, padded_batch)
 
 
-@pytest.mark.parametrize("case", ["qwen2-dense-layers-normed-tied", "qwen3-dense-layers-top3"])
+@pytest.mark.parametrize("case", ["qwen2-dense-layers-normed-tied", "qwen3-dense-layers-top3", "qwen2-bias-head-dim16",
+                                  "qwen3-bias-head-dim12-dense"])
 def test_export_import_round_trip_is_bitwise(tmp_path, randomize, case):
     model_type, overrides = CASES[case]
     cfg = tiny_config(**overrides, router_z_loss_coef=0.02, load_balancing_loss_coef=0.05, dropout=0.1)
@@ -121,7 +126,26 @@ def test_qwen2_export_writes_the_published_layout(tmp_path, randomize):
     assert torch.equal(t["model.layers.0.self_attn.k_proj.bias"], torch.zeros(32))  # qkv_bias: zeros
     assert "model.layers.0.self_attn.o_proj.bias" not in t
     assert (raw["shared_expert_intermediate_size"], raw["moe_intermediate_size"], raw["qkv_bias"]) == (16, 48, True)
+    assert raw["head_dim"] == 8
     assert raw["decoder_sparse_step"] == 1 and raw["mlp_only_layers"] == [] and raw["use_sliding_window"] is False
+
+
+def test_export_writes_the_attention_biases_and_head_dim(tmp_path, randomize):
+    m2 = randomize(MoEModel(config=tiny_config(**QWEN2, attention_bias=True, head_dim=16)))
+    t = load_file(str(export_hf_qwen2_moe(m2, tmp_path / "q2") / "model.safetensors"))
+    bias = m2.layers[1].attn.v_proj.bias.detach()
+    assert bias.shape == (64,) and bool(bias.any())
+    assert torch.equal(t["model.layers.1.self_attn.v_proj.bias"], bias)  # the real biases, not zeros
+    assert t["model.layers.1.self_attn.o_proj.weight"].shape == (32, 64)
+    m3 = randomize(MoEModel(config=tiny_config(qk_norm=True, attention_bias=True, head_dim=16)))
+    out = export_hf_qwen3_moe(m3, tmp_path / "q3")
+    t, raw = load_file(str(out / "model.safetensors")), json.loads((out / "config.json").read_text())
+    assert (raw["attention_bias"], raw["head_dim"]) == (True, 16)
+    assert torch.equal(t["model.layers.0.self_attn.q_proj.bias"], m3.layers[0].attn.q_proj.bias.detach())
+    assert torch.equal(t["model.layers.0.self_attn.o_proj.bias"], torch.zeros(32))  # Qwen3's flag covers o_proj
+    plain = json.loads((export_hf_qwen3_moe(MoEModel(config=tiny_config(qk_norm=True)), tmp_path / "p3")
+                        / "config.json").read_text())
+    assert plain["attention_bias"] is False
 
 
 # ---- import of checkpoints transformers wrote -------------------------------------------
@@ -220,29 +244,66 @@ def test_what_each_layout_accepts():
     assert qwen3_moe_export_problems(tiny_config(qk_norm=True, num_layers=3, moe_layer_frequency=3)) == []
 
 
-def test_import_refuses_non_zero_qkv_biases_naming_each(tmp_path, tiny_qwen):
-    path, hf = tiny_qwen(tmp_path, "qwen2_moe")
-    state = load_file(str(path / "model.safetensors"))
-    state["model.layers.0.self_attn.q_proj.bias"][3] = 0.5
-    state["model.layers.1.self_attn.v_proj.bias"][0] = -1.0
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+def _assert_bitwise_round_trip(model, export, path):
+    back = load_pretrained_moe(export(model, path))
+    assert back.config == model.config
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_qwen2_import_maps_non_zero_qkv_biases(tmp_path, tiny_qwen, padded_batch):
+    path, hf = tiny_qwen(tmp_path, "qwen2_moe", zero_biases=False)
+    hf_bias = hf.model.layers[1].self_attn.k_proj.bias.detach()
+    assert bool(hf_bias.any())
+    model = load_pretrained_moe(path).eval()
+    assert model.config.attention_bias and model.config.head_dim == 8
+    assert torch.equal(model.layers[1].attn.k_proj.bias.detach(), hf_bias)
+    _assert_same_logits(model, hf, padded_batch)
+    _assert_bitwise_round_trip(model, export_hf_qwen2_moe, tmp_path / "again")
+
+
+def test_qwen3_import_maps_head_dim_and_attention_bias(tmp_path, tiny_qwen, padded_batch):
+    path, hf = tiny_qwen(tmp_path, "qwen3_moe", zero_biases=False, head_dim=16, attention_bias=True,
+                         num_hidden_layers=3, mlp_only_layers=[0, 2])  # hidden 32, 4 heads: 8 derived
+    assert hf.model.layers[0].self_attn.q_proj.weight.shape == (64, 32)
+    model = load_pretrained_moe(path).eval()
+    cfg = model.config
+    assert (cfg.head_dim, cfg.attention_bias, cfg.to_dict()["head_dim"]) == (16, True, 16)
+    _assert_same_logits(model, hf, padded_batch)
+    _assert_bitwise_round_trip(model, export_hf_qwen3_moe, tmp_path / "again")
+    path2, _ = tiny_qwen(tmp_path, "qwen3_moe", name="derived", head_dim=8)  # = hidden/heads: stays derived
+    assert load_pretrained_moe(path2).config.to_dict()["head_dim"] is None
+
+
+def test_import_refuses_non_zero_biases_it_has_no_place_for_naming_each(tmp_path, tiny_qwen):
+    path, _ = tiny_qwen(tmp_path, "qwen2_moe", zero_biases=False)
+    with pytest.raises(UnsupportedConversionError) as err:  # the user asks for no biases
+        load_pretrained_moe(path, attention_bias=False)
+    assert len(err.value.reasons) == 6, err.value.reasons  # q, k, v of 2 layers
+    assert "model.layers.0.self_attn.q_proj.bias is non-zero but attention_bias=False" in str(err.value)
+    path3, _ = tiny_qwen(tmp_path, "qwen3_moe", attention_bias=True)
+    state = load_file(str(path3 / "model.safetensors"))
+    state["model.layers.1.self_attn.o_proj.bias"][3] = 0.5
+    save_file(state, str(path3 / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UnsupportedConversionError) as err:
-        load_pretrained_moe(path)
-    assert len(err.value.reasons) == 2, err.value.reasons
-    assert "layers.0.self_attn.q_proj.bias is non-zero" in str(err.value)
-    assert "layers.1.self_attn.v_proj.bias is non-zero" in str(err.value)
+        load_pretrained_moe(path3)
+    assert err.value.reasons == [
+        "model.layers.1.self_attn.o_proj.bias is non-zero; moe_lab's o_proj has no bias (zero ones are accepted)"
+    ]
 
 
 def test_import_lists_every_config_reason_it_refuses(tmp_path, tiny_qwen):
     path, _ = tiny_qwen(tmp_path, "qwen3_moe", num_hidden_layers=3)
     raw = json.loads((path / "config.json").read_text())
-    raw.update(hidden_act="gelu_pytorch_tanh", attention_bias=True, mlp_only_layers=[1], use_sliding_window=True,
+    raw.update(hidden_act="gelu_pytorch_tanh", mlp_bias=True, mlp_only_layers=[1], use_sliding_window=True,
                sliding_window=8)
     (path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(UnsupportedConversionError) as err:
         load_pretrained_moe(path)
     assert len(err.value.reasons) == 4, err.value.reasons
-    for needle in ("gelu_pytorch_tanh", "attention_bias=True", "makes layers [0, 2] MoE layers", "sliding_window=8"):
+    for needle in ("gelu_pytorch_tanh", "mlp_bias=True", "makes layers [0, 2] MoE layers", "sliding_window=8"):
         assert needle in str(err.value), needle
 
 

@@ -139,11 +139,39 @@ def test_upcycle_command_path_for_llama_copies_the_tokenizer(tmp_path, randomize
 def test_llama_features_moe_lab_cannot_run_are_refused(tmp_path, randomize):
     path, _ = _tiny_llama(tmp_path, randomize)
     raw = json.loads((path / "config.json").read_text())
-    raw.update(attention_bias=True, mlp_bias=True, hidden_act="relu")
+    raw.update(mlp_bias=True, hidden_act="relu")
+    raw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
     (path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(UnsupportedConversionError) as err:
         upcycle(path, 4, 2)
-    assert len(err.value.reasons) == 3
+    assert len(err.value.reasons) == 3, err.value.reasons
+    for needle in ("mlp_bias=True", "'relu'", "yarn"):
+        assert needle in str(err.value), needle
+
+
+def test_llama_with_head_dim_and_attention_bias_loads_with_equal_logits(tmp_path, randomize, padded_batch):
+    path, llama = _tiny_llama(tmp_path, randomize, head_dim=16, attention_bias=True)  # hidden 32, 4 heads
+    with torch.no_grad():
+        for layer in llama.model.layers:
+            layer.self_attn.o_proj.bias.zero_()  # Llama's flag gives o_proj a bias too; moe_lab's has none
+    llama.save_pretrained(path)
+    ids, mask, positions = padded_batch()
+    with torch.no_grad():
+        ref = llama(ids, attention_mask=mask, position_ids=positions).logits
+    dense = load_hf_llama_dense(path)
+    assert (dense.config.head_dim, dense.config.attention_bias) == (16, True)
+    assert bool(dense.layers[0].attn.q_proj.bias.detach().any())
+    assert ref.abs().max() > 0.5 and ((_logits(dense, ids, mask) - ref).abs()[mask.bool()]).max() < 1e-4
+    moe = upcycle(path, num_experts=2, experts_per_token=1)
+    assert ((_logits(moe, ids, mask) - ref).abs()[mask.bool()]).max() < 1e-4
+
+
+def test_llama_non_zero_o_proj_bias_is_refused(tmp_path, randomize):
+    path, _ = _tiny_llama(tmp_path, randomize, attention_bias=True)  # randomize: o_proj biases ~1
+    with pytest.raises(UnsupportedConversionError) as err:
+        load_hf_llama_dense(path)
+    assert len(err.value.reasons) == 2, err.value.reasons  # one per layer
+    assert "model.layers.0.self_attn.o_proj.bias is non-zero" in str(err.value)
 
 
 def test_mistral_upcycles_when_its_window_covers_the_context(tmp_path, randomize, padded_batch):
