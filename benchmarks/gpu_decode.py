@@ -1,20 +1,26 @@
-"""Decode speed on a GPU, side by side in one process: moe_lab vs transformers ``generate``.
+"""Decode speed on a GPU, side by side in one process: the moe_lab engine vs transformers.
 
     python benchmarks/gpu_decode.py                  # default size, 128-token prompts, 256 new tokens
-    python benchmarks/gpu_decode.py --tiny           # smoke test (CPU ok, no timing claims)
+    python benchmarks/gpu_decode.py --profile        # also a torch.profiler table of the batch-1 decode
+    python benchmarks/gpu_decode.py --tiny           # smoke test: CPU, seconds, no timing claims
 
-Default size: vocab 50257, hidden 768, 12 layers, 8 experts top-2, ffn 3072, bf16, random
-weights (speed does not depend on them). Greedy decoding, every run generates exactly
-``--new`` tokens (no early EOS). Rows:
-- transformers ``MixtralForCausalLM.generate`` (sdpa attention, grouped_mm experts), batch 1 and 8;
-- moe_lab ``OptimizedMoEModel.generate`` with every expert resident (static KV cache, the
-  one-token step replayed as a CUDA graph), batch 1 and 8;
-- moe_lab ``OptimizedMoEModel`` with half the experts per layer resident on the GPU (the
-  rest in pinned host memory, loaded on demand by the DynamicExpertLoader), batch 1, with
-  its cache hit rate.
-Checks first: greedy tokens of the fast path equal the eager reference (step-by-step argmax
-of the full forward) in fp32 on the same device. Targets: >= 10x transformers at batch 1, >= 5x at
-batch 8; offload >= 50% of fully resident speed.
+Default size (the API reference's): vocab 50257, hidden 768, 12 layers, 8 experts top-2,
+expert width 3072, bf16, random weights (speed does not depend on them). Greedy, and every
+run generates exactly ``--new`` tokens (no EOS). Rows:
+
+- moe_lab ``InferenceEngine`` with every expert resident (slot-pool KV cache, the decode step
+  replayed as a CUDA graph per batch bucket, sampling on the device), batch 1 and 8, and
+  ``--streams`` (64) concurrent requests through 64 slots (aggregate tokens/s);
+- moe_lab ``OptimizedMoEModel`` with half the experts per layer resident (the rest behind
+  the expert cache, eager steps), batch 1, with its hit rate and misses;
+- transformers ``MixtralForCausalLM.generate`` with ``cache_implementation="static"`` (it
+  compiles its own step), batch 1 and 8: the baseline of the ratios printed at the end.
+
+First a check: in fp32 the engine's greedy tokens equal step-by-step argmax of the full
+forward on the same device. Targets (issue 16): batch 1 >= 1,500 tokens/s, batch 8 >= 10,000,
+64 streams >= 25,000, >= 10x transformers' static cache at batch 1 and 8, offload >= 50% of
+fully resident. ``--tiny`` uses a 2-layer model on the CPU, the eager engine and transformers'
+default cache (the static cache would compile for minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -26,11 +32,11 @@ from typing import Callable, Dict, List
 
 import torch
 
-from moe_lab.model import MoEModel
 from moe_lab.checkpoint import save_moe_checkpoint
+from moe_lab.model import MoEModel
 
 
-def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -40,101 +46,153 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def engine_run(engine, prompts: torch.Tensor, new: int) -> None:
+    from moe_lab.inference import SamplingParams
+
+    engine.generate(prompts.tolist(), SamplingParams(new, temperature=0), eos_token_id=None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="2-layer model on the CPU (smoke test)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
+    p.add_argument("--streams", type=int, default=64, help="concurrent requests of the aggregate row")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the batch-1 engine decode")
+    p.add_argument("--compile", action="store_true", help="also time the engine with compile_step=True (batch 1, 8)")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from moe_lab.inference import InferenceEngine, OptimizedMoEModel
+
     if args.tiny:
+        device = torch.device("cpu")
         kw = dict(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_experts=8,
                   expert_hidden_size=128)
-        prompt, new = 8, 8
+        prompt, new, streams = 8, 8, 4
     else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         kw = dict(vocab_size=50257, hidden_size=768, num_layers=12, num_attention_heads=12, num_experts=8,
                   expert_hidden_size=3072)
-        prompt, new = args.prompt, args.new
+        prompt, new, streams = args.prompt, args.new, args.streams
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kw["max_position_embeddings"] = prompt + new
     torch.manual_seed(0)
     model = MoEModel(dropout=0.0, **kw).eval()
     g = torch.Generator().manual_seed(1)
-    prompts = {b: torch.randint(0, kw["vocab_size"], (b, prompt), generator=g) for b in (1, 8)}
+    prompts = {b: torch.randint(0, kw["vocab_size"], (b, prompt), generator=g) for b in (1, 8, streams)}
     rows: List[Dict[str, object]] = []
 
-    from moe_lab.inference import OptimizedMoEModel, generate
+    def add(row: Dict[str, object]) -> None:
+        rows.append(row)
+        print(f"  measured: {row['name']}, batch {row['batch']}: {row['tps']:,.0f} tokens/s", flush=True)
 
+    # --- correctness: fp32 engine vs step-by-step argmax of the full forward ------------------
+    ref_model = MoEModel(dropout=0.0, **kw).eval()
+    ref_model.load_state_dict(model.state_dict())
+    ref_model.to(device)
+    ids = prompts[1][:, : min(prompt, 32)].to(device)
+    steps = min(new, 32)
+    ref = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            ref = torch.cat([ref, ref_model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    eng32 = InferenceEngine(ref_model, max_batch_size=1, max_seq_len=ids.shape[1] + steps)
+    from moe_lab.inference import SamplingParams
+
+    got = eng32.generate(ids.tolist(), SamplingParams(steps, temperature=0))[0].token_ids
+    same = got == ref[0, ids.shape[1]:].tolist()
+    print(f"greedy tokens, engine (fp32, {'graph' if eng32.use_cuda_graph else 'eager'}) vs step-by-step argmax of "
+          f"the full forward: {'identical' if same else 'DIFFERENT'} ({steps} tokens)")
+    eng32 = ref_model = None
+
+    # --- speed: the engine, every expert resident ---------------------------------------------
+    fast = MoEModel(dropout=0.0, **kw).eval()
+    fast.load_state_dict(model.state_dict())
+    fast.to(device=device, dtype=dtype)
+    engines = {b: InferenceEngine(fast, max_batch_size=b, max_seq_len=prompt + new) for b in (1, 8, streams)}
+    mode = "CUDA graph" if engines[1].use_cuda_graph else "eager"
+    for b in (1, 8, streams):
+        eng, ids = engines[b], prompts[b]
+        engine_run(eng, ids, 8)  # warm-up: graph capture of the buckets used
+        s = timed(lambda: engine_run(eng, ids, new), device)
+        label = f"moe_lab engine, all experts resident ({mode})" + (f", {b} concurrent streams" if b == streams else "")
+        add({"name": label, "batch": b, "tps": b * new / s, "key": f"engine{b}"})
+    if args.compile and device.type == "cuda":
+        for b in (1, 8):
+            eng = InferenceEngine(fast, max_batch_size=b, max_seq_len=prompt + new, compile_step=True)
+            t0 = time.perf_counter()
+            engine_run(eng, prompts[b], 8)  # compiles and captures
+            print(f"  compile + capture, batch {b}: {time.perf_counter() - t0:.0f} s", flush=True)
+            s = timed(lambda: engine_run(eng, prompts[b], new), device)
+            add({"name": f"moe_lab engine, compile_step=True ({mode})", "batch": b, "tps": b * new / s,
+                 "key": f"compiled{b}"})
+            if args.profile and b == 1:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    engine_run(eng, prompts[1], 64)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine_run(engines[1], prompts[1], 64)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    engines = None
+
+    # --- speed: half the experts resident (the expert cache) ----------------------------------
     with tempfile.TemporaryDirectory() as tmp:
         save_moe_checkpoint(model, None, None, f"{tmp}/ckpt")
-        # --- correctness: fast path vs eager reference, fp32 -------------------------------------
-        ref_model = MoEModel(dropout=0.0, **kw).eval()
-        ref_model.load_state_dict(model.state_dict())
-        ref_model.to(device)
-        ids = prompts[1][:, : min(prompt, 32)]
-        ref = ids.to(device)
-        with torch.no_grad():
-            for _ in range(min(new, 32)):
-                ref = torch.cat([ref, ref_model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
-        fast32 = OptimizedMoEModel(f"{tmp}/ckpt", max_experts_in_memory=kw["num_experts"], dtype=torch.float32)
-        out32 = fast32.generate(ids, max_new_tokens=min(new, 32), temperature=0)
-        same = torch.equal(out32.cpu(), ref.cpu())
-        print(f"greedy tokens, fast path (fp32) vs step-by-step argmax of the full forward: "
-              f"{'identical' if same else 'DIFFERENT'} ({ref.shape[1] - ids.shape[1]} tokens)")
-        fast32 = ref_model = None  # free the fp32 copies
-        # --- speed ---------------------------------------------------------------------------------
-        fast = OptimizedMoEModel(f"{tmp}/ckpt", max_experts_in_memory=kw["num_experts"], dtype=torch.bfloat16)
-        for b, ids in prompts.items():
-            fast.generate(ids, max_new_tokens=8, temperature=0)  # warm-up (graph capture)
-            s = timed(lambda: fast.generate(ids, max_new_tokens=new, temperature=0), device)
-            rows.append({"name": "moe_lab OptimizedMoEModel, all experts resident", "batch": b, "tps": b * new / s})
         half = kw["num_experts"] // 2
-        off = OptimizedMoEModel(f"{tmp}/ckpt", max_experts_in_memory=half, dtype=torch.bfloat16)
+        off = OptimizedMoEModel(f"{tmp}/ckpt", device_map=str(device), max_experts_in_memory=half, dtype=dtype)
         ids = prompts[1]
         off.generate(ids, max_new_tokens=8, temperature=0)
+        off.expert_loader.reset_stats()
         s = timed(lambda: off.generate(ids, max_new_tokens=new, temperature=0), device)
-        stats = off.stats()
-        hit = stats.get("hit_rate", stats.get("expert_cache", {}).get("hit_rate", float("nan"))) if isinstance(stats, dict) else float("nan")
-        rows.append({"name": f"moe_lab OptimizedMoEModel, {half}/{kw['num_experts']} experts resident (hit rate {hit:.2f})",
-                     "batch": 1, "tps": new / s})
-        ref_eager = MoEModel(dropout=0.0, **kw).eval()
-        ref_eager.load_state_dict(model.state_dict())
-        ref_eager.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        for b, ids in prompts.items():
-            generate(ref_eager, ids, max_new_tokens=4, temperature=0)
-            s = timed(lambda: generate(ref_eager, ids, max_new_tokens=new, temperature=0), device)
-            rows.append({"name": "moe_lab generate() (eager KV cache, reference)", "batch": b, "tps": b * new / s})
+        st = off.stats()
+        add({"name": f"moe_lab OptimizedMoEModel, {half}/{kw['num_experts']} experts resident "
+                             f"(hit rate {st['hit_rate']:.2f}, {st['misses']} misses)",
+                     "batch": 1, "tps": new / s, "key": "offload"})
+        off = None
+
+    # --- transformers, static cache -----------------------------------------------------------
     if not args.skip_hf:
         from transformers import MixtralConfig, MixtralForCausalLM
 
         hcfg = MixtralConfig(vocab_size=kw["vocab_size"], hidden_size=kw["hidden_size"],
                              intermediate_size=kw["expert_hidden_size"], num_hidden_layers=kw["num_layers"],
-                             num_attention_heads=kw["num_attention_heads"], num_key_value_heads=kw["num_attention_heads"],
-                             num_local_experts=kw["num_experts"], num_experts_per_tok=2,
-                             max_position_embeddings=kw["max_position_embeddings"], sliding_window=None,
-                             attn_implementation="sdpa")
-        hcfg._experts_implementation = "grouped_mm" if device.type == "cuda" else "eager"
+                             num_attention_heads=kw["num_attention_heads"],
+                             num_key_value_heads=kw["num_attention_heads"], num_local_experts=kw["num_experts"],
+                             num_experts_per_tok=2, max_position_embeddings=kw["max_position_embeddings"],
+                             sliding_window=None, attn_implementation="sdpa")
+        if device.type == "cuda":
+            hcfg._experts_implementation = "grouped_mm"
         torch.manual_seed(0)
-        hf = MixtralForCausalLM(hcfg).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-        for b, ids in prompts.items():
-            ids = ids.to(device)
-            gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-            hf.generate(ids, attention_mask=torch.ones_like(ids), **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
+        hf = MixtralForCausalLM(hcfg).to(device=device, dtype=dtype).eval()
+        cache = {"cache_implementation": "static"} if device.type == "cuda" else {}
+        cache_name = "static cache" if cache else "default cache"
+        for b in (1, 8):
+            ids = prompts[b].to(device)
+            gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **cache)
+            for _ in range(2 if cache else 1):  # warm-up (the static cache compiles its step)
+                hf.generate(ids, attention_mask=torch.ones_like(ids), **gen)
             s = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **gen), device)
-            rows.append({"name": f"transformers Mixtral generate ({hcfg._experts_implementation})", "batch": b, "tps": b * new / s})
+            add({"name": f"transformers Mixtral generate ({cache_name})", "batch": b, "tps": b * new / s,
+                         "key": f"hf{b}"})
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"Decode on {name}, torch {torch.__version__}, prompt {prompt}, {new} new tokens, greedy")
-    print(f"{'implementation':<70}{'batch':>6}{'tokens/s':>12}")
+    print(f"Decode on {name}, torch {torch.__version__}, {dtype}, prompt {prompt}, {new} new tokens, greedy")
+    print(f"{'implementation':<82}{'batch':>6}{'tokens/s':>12}")
     for r in rows:
-        print(f"{r['name']:<70}{r['batch']:>6}{r['tps']:>12,.0f}")
+        print(f"{r['name']:<82}{r['batch']:>6}{r['tps']:>12,.0f}")
+    tps = {r["key"]: r["tps"] for r in rows}
     for b in (1, 8):
-        hf_tps = next((r["tps"] for r in rows if r["name"].startswith("transformers") and r["batch"] == b), None)
-        ours = next((r["tps"] for r in rows if "all experts resident" in r["name"] and r["batch"] == b), None)
-        if hf_tps and ours:
-            print(f"batch {b}: moe_lab / transformers = {ours / hf_tps:.1f}x")
-    res = next(r["tps"] for r in rows if "all experts resident" in r["name"] and r["batch"] == 1)
-    offl = next(r["tps"] for r in rows if "experts resident (hit" in r["name"])
-    print(f"offload (half resident) / fully resident, batch 1 = {offl / res:.0%}")
+        if f"hf{b}" in tps:
+            print(f"batch {b}: moe_lab engine / transformers = {tps[f'engine{b}'] / tps[f'hf{b}']:.1f}x (target >= 10x)")
+    print(f"{streams} streams aggregate: {tps[f'engine{streams}']:,.0f} tokens/s")
+    print(f"offload (half resident) / fully resident, batch 1 = {tps['offload'] / tps['engine1']:.0%} (target >= 50%)")
 
 
 if __name__ == "__main__":

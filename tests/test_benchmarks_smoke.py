@@ -64,5 +64,9 @@ def test_train_step_benchmark_tiny():
 @pytest.mark.slow
 def test_gpu_decode_benchmark_tiny():
     out = _run("benchmarks/gpu_decode.py", "--tiny")
-    assert "vs step-by-step argmax of the full forward: identical" in out
-    assert "moe_lab / transformers" in out and "offload (half resident)" in out
+    assert "engine (fp32, eager) vs step-by-step argmax of the full forward: identical" in out
+    for row in ("moe_lab engine, all experts resident (eager)", "4 concurrent streams",
+                "transformers Mixtral generate (default cache)"):
+        assert row in out, out
+    assert "batch 8: moe_lab engine / transformers =" in out and "offload (half resident)" in out
+    assert re.search(r"4/8 experts resident \(hit rate [\d.]+, \d+ misses\)", out), out

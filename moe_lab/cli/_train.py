@@ -93,9 +93,12 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop before this text (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")] = "auto",
-    max_experts_in_memory: Annotated[int, typer.Option(help="Experts per MoE layer kept on the device.")] = 4,
+    max_experts_in_memory: Annotated[str, typer.Option(
+        help="Experts per MoE layer kept on the device: a number, or auto (all of them when the model fits in "
+             "device memory; the residency chosen is logged).")] = "auto",
     expert_cache_size: Annotated[int, typer.Option(help="Host copies of experts per MoE layer.")] = 8,
-    show_stats: Annotated[bool, typer.Option("--show-stats", help="Print expert-cache statistics to stderr at the end.")] = False,
+    show_stats: Annotated[bool, typer.Option("--show-stats", help="Print the expert residency to stderr at start and "
+                                             "expert-cache statistics at the end.")] = False,
 ) -> None:
     """Generate a continuation of --prompt with OptimizedMoEModel (KV cache + expert cache), streaming to the terminal."""
     from ..errors import InputError
@@ -105,8 +108,20 @@ def generate(
     validate_sampling(temperature, top_p, top_k, max_new_tokens)  # before loading anything
     if not prompt:
         raise InputError("--prompt is empty")
-    model = OptimizedMoEModel(checkpoint, device_map=device, max_experts_in_memory=max_experts_in_memory,
+    resident = max_experts_in_memory.strip().lower()
+    if resident != "auto":
+        try:
+            resident = int(resident)
+        except ValueError:
+            raise InputError(f"--max-experts-in-memory must be a positive integer or auto, got {max_experts_in_memory!r}") from None
+        if resident < 1:
+            raise InputError(f"--max-experts-in-memory must be a positive integer or auto, got {max_experts_in_memory!r}")
+    model = OptimizedMoEModel(checkpoint, device_map=device, max_experts_in_memory=resident,
                               expert_cache_size=expert_cache_size)
+    if show_stats:  # the residency is also logged (moe_lab.inference.optimized, INFO) when chosen by auto
+        cache = model.expert_loader.caches[0]
+        typer.echo(f"experts resident per MoE layer: {cache.cache_size}/{cache.num_experts}"
+                   f"{' (auto)' if resident == 'auto' else ''}; device {model.device}", err=True)
     request = CompletionRequest(prompt, max_new_tokens, temperature, top_p, top_k, list(stop or []), seed)
     typer.echo(prompt, nl=False)
     for chunk in model.stream(request):

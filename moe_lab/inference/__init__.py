@@ -1,6 +1,7 @@
-"""Inference: KV-cache generation, the expert cache and the optimised (offloading) model.
+"""Inference: the engine (continuous batching, CUDA graphs), the expert cache and the
+optimised (offloading) model.
 
-    from moe_lab.inference import OptimizedMoEModel, DynamicExpertLoader, generate
+    from moe_lab.inference import OptimizedMoEModel, DynamicExpertLoader, InferenceEngine, generate
 """
 
 from .expert_cache import (
@@ -12,19 +13,17 @@ from .expert_cache import (
     SafetensorsExpertStore,
     TensorExpertStore,
 )
+from .engine import InferenceEngine, Request, RequestOutput, SamplingParams
 from .generate import KVCache, generate, pad_batch, sample_next_token
 from .optimized import (
-    BatchedDecoder,
     Completion,
     CompletionChunk,
     CompletionRequest,
     FieldError,
     OptimizedMoEModel,
-    SamplingParams,
 )
 
 __all__ = [
-    "BatchedDecoder",
     "CachedExperts",
     "Completion",
     "CompletionChunk",
@@ -33,9 +32,12 @@ __all__ = [
     "EVICTION_POLICIES",
     "ExpertStore",
     "FieldError",
+    "InferenceEngine",
     "KVCache",
     "OptimizedMoEModel",
     "PREFETCH_STRATEGIES",
+    "Request",
+    "RequestOutput",
     "SafetensorsExpertStore",
     "SamplingParams",
     "TensorExpertStore",

@@ -1,4 +1,4 @@
-"""Autoregressive generation with a KV cache.
+"""Autoregressive generation: ``generate()`` (through the inference engine) and the KV cache.
 
     out = generate(model, input_ids, attention_mask, max_new_tokens=32, temperature=0)  # greedy
     for tokens in generate(model, ids, max_new_tokens=32, streaming=True): ...           # [B] per step
@@ -13,12 +13,13 @@ Shape letters: B batch, S prompt length, Hkv key/value heads, Dh head dim, V voc
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from .engine import SamplingParams, engine_for, validate_sampling
 
 
 class KVCache:
@@ -91,17 +92,6 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def validate_sampling(temperature: float, top_p: float, top_k: Optional[int], max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 0:
-        raise InputError(f"top_k must be >= 0, got {top_k}")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-
-
 def pad_batch(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists: ``(input_ids [B, S], attention_mask [B, S])``."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -113,73 +103,6 @@ def pad_batch(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> Tuple[
         ids[i, s - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, s - len(p) :] = 1
     return ids, mask
-
-
-@torch.no_grad()
-def _generate_iter(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: Optional[int],
-    do_sample: bool,
-    eos_token_id: Optional[int],
-    seed: Optional[int],
-    pad_token_id: int,
-) -> Iterator[torch.Tensor]:
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    b, s = input_ids.shape
-    total = s + max_new_tokens
-    if total > model.config.max_position_embeddings:
-        raise InputError(
-            f"prompt ({s}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the context "
-            f"({model.config.max_position_embeddings})"
-        )
-    mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(device).long()
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache.for_model(model, b, total)
-    logits = model(input_ids, attention_mask=mask, kv_cache=cache)[:, -1]  # [B, V]
-
-    def step(nxt: torch.Tensor) -> torch.Tensor:
-        nonlocal mask
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-        return model(nxt.unsqueeze(1), attention_mask=mask, kv_cache=cache)[:, -1]
-
-    yield from decode_loop(logits, step, max_new_tokens, temperature, top_p, top_k, do_sample, eos_token_id, gen, pad_token_id)
-
-
-def decode_loop(
-    logits_BV: torch.Tensor,
-    step: Callable[[torch.Tensor], torch.Tensor],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: Optional[int],
-    do_sample: bool,
-    eos_token_id: Optional[int],
-    generator: Optional[torch.Generator],
-    pad_token_id: int,
-) -> Iterator[torch.Tensor]:
-    """The decoding loop every decoder shares: sample, pad finished rows, yield ``[B]``, step.
-
-    ``step(tokens_B)`` feeds the chosen tokens and returns the next logits ``[B, V]``; it is
-    not called after the last token or once every row has hit ``eos_token_id``.
-    """
-    finished = torch.zeros(logits_BV.shape[0], dtype=torch.bool, device=logits_BV.device)
-    for i in range(max_new_tokens):
-        nxt = sample_next_token(logits_BV, temperature, top_p, top_k, do_sample, generator)  # [B]
-        if eos_token_id is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-            finished |= nxt == eos_token_id
-        yield nxt
-        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-            return
-        logits_BV = step(nxt)
 
 
 def generate(
@@ -196,23 +119,81 @@ def generate(
     pad_token_id: int = 0,
     streaming: bool = False,
 ) -> Union[torch.Tensor, Iterator[torch.Tensor]]:
-    """Generate ``max_new_tokens`` after each prompt.
+    """Generate ``max_new_tokens`` after each prompt, through the inference engine.
 
-    Returns ``[B, S + new]`` token ids (sequences that hit ``eos_token_id`` are padded with
-    ``pad_token_id`` after it), or with ``streaming=True`` an iterator of ``[B]`` tensors,
-    one per step.
+    Each row of ``input_ids`` (its real tokens per ``attention_mask``, any padding side)
+    is one request of a :class:`~moe_lab.inference.engine.InferenceEngine`, so it decodes
+    exactly as it would alone. ``seed`` seeds row ``i`` with ``seed + i``.
+
+    Returns ``[B, S + new]`` token ids: the input as given, then the new tokens (rows that
+    hit ``eos_token_id`` are padded with ``pad_token_id`` after it; ``new`` is shorter than
+    ``max_new_tokens`` when every row stopped early), or with ``streaming=True`` an
+    iterator of ``[B]`` tensors, one per step.
     """
     validate_sampling(temperature, top_p, top_k, max_new_tokens)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
-    was_training = model.training
-    model.eval()
-    it = _generate_iter(
-        model, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, do_sample, eos_token_id, seed, pad_token_id
-    )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    it = _generate_steps(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, do_sample,
+                         eos_token_id, seed, pad_token_id)
     if streaming:
         return it
     steps: List[torch.Tensor] = list(it)
-    model.train(was_training)
     new = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
     return torch.cat([input_ids.to(new.device), new], dim=1)
+
+
+def _generate_steps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: Optional[int],
+    do_sample: bool,
+    eos_token_id: Optional[int],
+    seed: Optional[int],
+    pad_token_id: int,
+) -> Iterator[torch.Tensor]:
+    """Yield ``[B]`` per step (``pad_token_id`` for rows past their EOS) from one engine run."""
+    if attention_mask is None:
+        prompts = input_ids.tolist()
+    else:
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+    if any(len(p) == 0 for p in prompts):
+        raise InputError("every prompt needs at least one real token (attention_mask row of zeros)")
+    s = input_ids.shape[1]
+    if s + max_new_tokens > model.config.max_position_embeddings:
+        raise InputError(
+            f"prompt ({s}) + max_new_tokens ({max_new_tokens}) = {s + max_new_tokens} exceeds the context "
+            f"({model.config.max_position_embeddings})"
+        )
+    was_training = model.training
+    temp = 0.0 if not do_sample else float(temperature)
+    model.eval()
+    reqs: list = []
+    engine = None
+    try:
+        engine = engine_for(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+        reqs = [
+            engine.submit(p, SamplingParams(max_new_tokens, temp, float(top_p), top_k, None if seed is None else seed + i),
+                          eos_token_id=eos_token_id)
+            for i, p in enumerate(prompts)
+        ]
+        device = engine.device
+        for i in range(max_new_tokens):
+            while any(not r.finished and len(r.token_ids) <= i for r in reqs):
+                engine.step()
+            if all(len(r.token_ids) <= i for r in reqs):
+                return  # every row ended (EOS) before step i
+            yield torch.tensor([r.token_ids[i] if len(r.token_ids) > i else pad_token_id for r in reqs],
+                               dtype=torch.long, device=device)
+    finally:  # a consumer that stopped early: end its requests so the engine is free again
+        if engine is not None:
+            for r in reqs:
+                if not r.finished:
+                    engine.cancel(r)
+            engine.run_until_done(reqs)
+        model.train(was_training)

@@ -30,10 +30,17 @@ neither. ``device_map="auto"`` picks CUDA when available, else CPU.
 prompt (as in transformers): ``max_length - S`` new tokens, where S is the (padded) prompt
 length of the batch. ``max_new_tokens=`` (keyword) overrides it. ``temperature=0`` is greedy.
 Batches of prompts of different lengths are left-padded with an attention mask.
+
+Every call decodes on :attr:`OptimizedMoEModel.engine`, one
+:class:`~moe_lab.inference.engine.InferenceEngine` (continuous batching over a KV slot
+pool; CUDA graphs when every expert is resident on a CUDA device, eager steps through the
+expert cache otherwise). ``max_experts_in_memory="auto"`` keeps every expert on the device
+when the model fits (see :func:`auto_experts_in_memory`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +53,10 @@ from ..checkpoint import Checkpoint
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError, InputError
 from .expert_cache import DynamicExpertLoader, SafetensorsExpertStore
-from .generate import KVCache, pad_batch, sample_next_token, validate_sampling
-from .generate import generate as _generate
-from .static_decode import StaticDecoder, supports_static_decode
+from .engine import InferenceEngine, Request, SamplingParams, TextTracker
+from .generate import pad_batch
+
+logger = logging.getLogger(__name__)
 
 PromptLike = Union[str, Sequence[int]]
 
@@ -70,119 +78,6 @@ class FieldError(InputError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
-
-
-# ---------------------------------------------------------------------------------------
-# batched decoding with per-row parameters
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingParams:
-    """Per-sequence decoding parameters (``temperature=0`` is greedy)."""
-
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: Optional[int] = None
-    seed: Optional[int] = None
-
-    def key(self) -> Tuple[float, float, Optional[int]]:
-        return (self.temperature, self.top_p, self.top_k)
-
-
-class BatchedDecoder:
-    """Decode a batch of prompts step by step, each row with its own parameters.
-
-    Iterating yields, per step, a list of B token ids (``None`` for rows already finished).
-    A row finishes after its ``max_new_tokens``, on ``eos_token_id``, or when the consumer
-    calls :meth:`finish` (a stop string, a client that went away). Finished rows are
-    dropped from the batch (and the KV cache), so they cost nothing afterwards.
-
-    Seeded rows use their own generator, so a seeded request gives the same tokens alone
-    or inside a batch (up to floating-point noise from padding).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        prompts: Sequence[Sequence[int]],
-        params: Sequence[SamplingParams],
-        eos_token_id: Optional[int] = None,
-        pad_token_id: int = 0,
-    ) -> None:
-        if len(prompts) != len(params):
-            raise InputError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
-        for p in params:
-            validate_sampling(p.temperature, p.top_p, p.top_k, p.max_new_tokens)
-        self.model = model
-        self.prompts = [list(p) for p in prompts]
-        self.params = list(params)
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.batch_size = len(prompts)
-        self.finished = [False] * self.batch_size
-        self.num_generated = [0] * self.batch_size
-        ids, _ = pad_batch(self.prompts, pad_token_id)
-        self.context = model.config.max_position_embeddings
-        total = ids.shape[1] + max(p.max_new_tokens for p in self.params)
-        if total > self.context:
-            raise InputError(
-                f"padded prompt ({ids.shape[1]}) + max_new_tokens ({max(p.max_new_tokens for p in self.params)}) = "
-                f"{total} exceeds the context ({self.context})"
-            )
-
-    def finish(self, row: int) -> None:
-        """Stop generating for ``row`` (its later steps yield None)."""
-        self.finished[row] = True
-
-    @torch.no_grad()
-    def __iter__(self) -> Iterator[List[Optional[int]]]:
-        model = self.model
-        device = next(model.parameters()).device
-        ids, mask = pad_batch(self.prompts, self.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        total = ids.shape[1] + max(p.max_new_tokens for p in self.params)
-        cache = KVCache.for_model(model, self.batch_size, total)
-        gens: List[Optional[torch.Generator]] = [
-            torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in self.params
-        ]
-        rows = list(range(self.batch_size))  # batch position -> original row
-        logits_BV = model(ids, attention_mask=mask, kv_cache=cache)[:, -1]
-        while True:
-            nxt = self._sample(logits_BV, rows, gens)  # [b]
-            step: List[Optional[int]] = [None] * self.batch_size
-            for i, r in enumerate(rows):
-                if self.finished[r]:
-                    continue
-                tok = int(nxt[i])
-                step[r] = tok
-                self.num_generated[r] += 1
-                if self.num_generated[r] >= self.params[r].max_new_tokens or tok == self.eos_token_id:
-                    self.finished[r] = True
-            yield step  # the consumer may call finish() here
-            keep = [i for i, r in enumerate(rows) if not self.finished[r]]
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                idx = torch.tensor(keep, device=device)
-                cache.keys = [k.index_select(0, idx) for k in cache.keys]
-                cache.values = [v.index_select(0, idx) for v in cache.values]
-                mask, nxt = mask.index_select(0, idx), nxt.index_select(0, idx)
-                rows = [rows[i] for i in keep]
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=device)], dim=1)
-            logits_BV = model(nxt.unsqueeze(1), attention_mask=mask, kv_cache=cache)[:, -1]
-
-    def _sample(self, logits_BV: torch.Tensor, rows: List[int], gens: List[Optional[torch.Generator]]) -> torch.Tensor:
-        params = [self.params[r] for r in rows]
-        if all(gens[r] is None for r in rows) and len({p.key() for p in params}) == 1:
-            p = params[0]
-            return sample_next_token(logits_BV, p.temperature, p.top_p, p.top_k)
-        out = []
-        for i, r in enumerate(rows):
-            p = self.params[r]
-            out.append(sample_next_token(logits_BV[i : i + 1], p.temperature, p.top_p, p.top_k, True, gens[r]))
-        return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,41 +119,7 @@ class CompletionChunk:
     completion_tokens: int = 0  #: tokens generated so far (eos included)
 
 
-class _TextTracker:
-    """Incremental detokenisation with stop strings; holds back text that may start a stop."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: List[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def add(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.stopped = text[:cut], True
-        self.text = text
-
-    def pending(self, final: bool) -> str:
-        """New text safe to show (all of it when ``final``)."""
-        text = self.text
-        end = len(text)
-        if not final:
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character
-                end = len(text.rstrip("\ufffd"))
-            for s in self.stop:  # hold back a suffix that could begin a stop string
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if text[:end].endswith(s[:k]):
-                        end = min(end, len(text[:end]) - k)
-                        break
-        end = max(end, self.emitted)
-        out = text[self.emitted : end]
-        self.emitted = end
-        return out
+_TextTracker = TextTracker  # moved to moe_lab.inference.engine
 
 
 def _check_int(name: str, value: Any, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
@@ -281,6 +142,37 @@ def is_expert_weight(name: str) -> bool:
     return ".mlp.experts." in name
 
 
+def auto_experts_in_memory(model: nn.Module, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
+                           headroom: float = 0.8) -> int:
+    """``max_experts_in_memory="auto"``: experts per MoE layer to keep on ``device``.
+
+    Every expert when the dense weights already on the device plus all experts fit in
+    ``headroom`` of its free memory (always on CPU, where "device memory" is host RAM and
+    the mapped file backs everything); otherwise as many as fit, at least 1. Logs the
+    residency chosen.
+    """
+    layers = [m for m in model.moe_layers]
+    num_experts = model.config.num_experts
+    if device.type != "cuda":
+        logger.info("max_experts_in_memory=auto: all %d experts per layer resident (device %s)", num_experts, device)
+        return num_experts
+    per_expert = 0  # bytes of one expert of every MoE layer, in the compute dtype
+    for i in model.moe_layer_indices:
+        for name in (f"layers.{i}.mlp.experts.w_in", f"layers.{i}.mlp.experts.w_out"):
+            shape = checkpoint.weights(lazy=True).spec(name).shape
+            per_expert += int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = int(free * headroom)
+    fit = budget // per_expert if per_expert else num_experts
+    chosen = int(max(1, min(num_experts, fit)))
+    logger.info(
+        "max_experts_in_memory=auto: %d of %d experts per layer resident on %s (%d MoE layers, %.1f MiB per "
+        "expert across layers, %.1f GiB free)", chosen, num_experts, device, len(layers), per_expert / 2**20,
+        free / 2**30,
+    )
+    return chosen
+
+
 class OptimizedMoEModel:
     """A moe_lab checkpoint loaded for inference with an expert cache.
 
@@ -288,7 +180,9 @@ class OptimizedMoEModel:
         model_path: checkpoint directory (``config.json`` + ``model.safetensors``; tokenizer
             files and ``routing_stats.json`` are used when present).
         device_map: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
-        max_experts_in_memory: experts per MoE layer resident on the compute device.
+        max_experts_in_memory: experts per MoE layer resident on the compute device, or
+            "auto": all of them when the whole model fits in device memory (always on CPU),
+            else as many as fit (see :func:`auto_experts_in_memory`).
         expert_cache_size: experts per MoE layer kept as materialised host copies (see the
             module docstring); 0 reads every load from the mapped file.
         eviction_policy, prefetch_strategy: passed to :class:`DynamicExpertLoader`.
@@ -306,15 +200,19 @@ class OptimizedMoEModel:
         self,
         model_path: Union[str, os.PathLike],
         device_map: Union[str, torch.device] = "auto",
-        max_experts_in_memory: int = 4,
+        max_experts_in_memory: Union[int, str] = 4,
         expert_cache_size: int = 8,
         eviction_policy: str = "lru",
         prefetch_strategy: str = "usage_based",
         dtype: Union[None, str, torch.dtype] = None,
     ) -> None:
-        for name, v, lo in (("max_experts_in_memory", max_experts_in_memory, 1), ("expert_cache_size", expert_cache_size, 0)):
+        checks = [("expert_cache_size", expert_cache_size, 0)]
+        if max_experts_in_memory != "auto":
+            checks.append(("max_experts_in_memory", max_experts_in_memory, 1))
+        for name, v, lo in checks:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+                raise ConfigError(f"{name} must be an int >= {lo}" + (" or 'auto'" if name[0] == "m" else "")
+                                  + f", got {v!r}")
         if not Path(model_path).expanduser().is_dir():
             raise CheckpointError(f"checkpoint directory not found: {model_path}")
         self.device = resolve_device(device_map, "device_map")
@@ -328,6 +226,8 @@ class OptimizedMoEModel:
         dtype = dtype or ckpt.stored_dtype
         # every tensor is checked against the header; the experts stay on the meta device
         model = ckpt.build_model(device=self.device, dtype=dtype, exclude=is_expert_weight)
+        if max_experts_in_memory == "auto":
+            max_experts_in_memory = auto_experts_in_memory(model, ckpt, self.device, dtype)
         store = SafetensorsExpertStore(
             ckpt.weights(lazy=True), model.moe_layer_indices, host_cache_size=expert_cache_size,
             pin_memory=self.device.type == "cuda", dtype=dtype,
@@ -353,11 +253,9 @@ class OptimizedMoEModel:
         self.model = model.eval()
         self.dtype = dtype
         self._tokenizer: Any = None
-        #: decode with the static KV cache + CUDA-graph step when every expert is resident
-        #: (``max_experts_in_memory >= num_experts``), the router is top-k without capacity,
-        #: and the device is CUDA (settable, e.g. to test the static path on CPU)
-        self.static_decode = self.device.type == "cuda" and supports_static_decode(model)
-        self._decoders: Dict[Tuple[int, int], StaticDecoder] = {}
+        #: slots of the inference engine (requests decoded together); settable before first use
+        self.max_batch_size = 8
+        self._engine: Optional[InferenceEngine] = None
 
     # ---- conveniences -----------------------------------------------------------------
     @property
@@ -373,8 +271,26 @@ class OptimizedMoEModel:
             return self.model(input_ids.to(self.device), attention_mask=None if attention_mask is None else attention_mask.to(self.device), **kwargs)
 
     def stats(self) -> Dict[str, Any]:
-        """Expert-cache statistics (see :meth:`DynamicExpertLoader.stats`)."""
-        return self.expert_loader.stats()
+        """Expert-cache statistics (see :meth:`DynamicExpertLoader.stats`: hits, misses,
+        hit_rate, ...) plus ``engine``: the inference engine's counters (empty before use)."""
+        st = self.expert_loader.stats()
+        st["engine"] = self._engine.stats() if self._engine is not None else {}
+        return st
+
+    @property
+    def engine(self) -> InferenceEngine:
+        """The inference engine every generate/complete/stream call runs on (built on first
+        use with ``max_batch_size`` slots of the model's context)."""
+        if self._engine is None or self._engine.max_batch_size < self.max_batch_size:
+            tok = self.tokenizer
+            self._engine = InferenceEngine(self.model, max_batch_size=self.max_batch_size, tokenizer=tok,
+                                           eos_token_id=getattr(tok, "eos_token_id", None))
+        return self._engine
+
+    @property
+    def static_decode(self) -> bool:
+        """Whether decoding replays captured CUDA graphs (CUDA, every expert resident, top-k)."""
+        return self.engine.use_cuda_graph
 
     def __repr__(self) -> str:
         return (
@@ -447,35 +363,44 @@ class OptimizedMoEModel:
                     f"max_length ({max_length}) counts the prompt and must exceed the prompt length ({ids.shape[1]}); "
                     "raise it or pass max_new_tokens="
                 )
-        if self.static_decode:
-            key = (ids.shape[0], ids.shape[1] + new)
-            if key not in self._decoders:
-                if len(self._decoders) >= 8:  # each holds a KV cache and a captured graph
-                    self._decoders.pop(next(iter(self._decoders)))
-                self._decoders[key] = StaticDecoder(self.model, key[0], key[1])
-            it = self._decoders[key].generate_iter(
-                ids, mask, max_new_tokens=new, temperature=temperature, top_p=top_p, top_k=kwargs.get("top_k"),
-                do_sample=kwargs.get("do_sample", True), eos_token_id=kwargs.get("eos_token_id"),
-                seed=kwargs.get("seed"), pad_token_id=pad,
-            )
-            if kwargs.get("streaming", False):
-                return it
-            steps = list(it)
-            return torch.cat([ids.to(self.device), torch.stack(steps, dim=1)], dim=1)
-        return _generate(
-            self.model,
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=kwargs.get("top_k"),
-            do_sample=kwargs.get("do_sample", True),
-            eos_token_id=kwargs.get("eos_token_id"),
-            seed=kwargs.get("seed"),
-            pad_token_id=pad,
-            streaming=bool(kwargs.get("streaming", False)),
-        )
+        it = self._generate_steps(ids, mask, new, temperature, top_p, kwargs, pad)
+        if kwargs.get("streaming", False):
+            return it
+        steps = list(it)
+        out = torch.stack(steps, dim=1) if steps else ids.new_zeros(ids.shape[0], 0).to(self.device)
+        return torch.cat([ids.to(self.device), out], dim=1)
+
+    def _generate_steps(self, ids: torch.Tensor, mask: Optional[torch.Tensor], new: int, temperature: float,
+                        top_p: float, kwargs: Dict[str, Any], pad: int) -> Iterator[torch.Tensor]:
+        """``[B]`` per step from one engine run (``pad`` for rows past their EOS)."""
+        from .generate import validate_sampling
+
+        validate_sampling(temperature, top_p, kwargs.get("top_k"), new)
+        rows = ids.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+        ctx = self.config.max_position_embeddings
+        if ids.shape[1] + new > ctx:
+            raise InputError(f"prompt ({ids.shape[1]}) + max_new_tokens ({new}) = {ids.shape[1] + new} exceeds the "
+                             f"context ({ctx})")
+        temp = float(temperature) if kwargs.get("do_sample", True) else 0.0
+        seed = kwargs.get("seed")
+        eng = self.engine
+        reqs = [eng.submit(r, SamplingParams(new, temp, float(top_p), kwargs.get("top_k"),
+                                             None if seed is None else seed + i),
+                           eos_token_id=kwargs.get("eos_token_id"), detokenize=False)
+                for i, r in enumerate(rows)]
+        try:
+            for i in range(new):
+                while any(not r.finished and len(r.token_ids) <= i for r in reqs):
+                    eng.advance()
+                if all(len(r.token_ids) <= i for r in reqs):
+                    return
+                yield torch.tensor([r.token_ids[i] if len(r.token_ids) > i else pad for r in reqs],
+                                   dtype=torch.long, device=self.device)
+        finally:  # a consumer that stopped early frees the slots
+            for r in reqs:
+                if not r.finished:
+                    eng.cancel(r)
+            eng.run_until_done(reqs)
 
     # ---- text-level helpers (used by the server and the CLI) ---------------------------
     def encode_prompt(self, prompt: PromptLike) -> List[int]:
@@ -531,80 +456,77 @@ class OptimizedMoEModel:
     def _params(self, req: CompletionRequest) -> SamplingParams:
         return SamplingParams(req.max_tokens, float(req.temperature), float(req.top_p), req.top_k, req.seed)
 
+    def submit(self, request: CompletionRequest, max_tokens_limit: Optional[int] = None,
+               on_event: Optional[Callable[[Any], None]] = None) -> Request:
+        """Validate ``request`` and queue it on :attr:`engine` (see
+        :meth:`InferenceEngine.submit`); returns the engine's :class:`Request`."""
+        ids = self.check_request(request, max_tokens_limit)
+        return self.engine.submit(ids, self._params(request), stop=list(request.stop), on_event=on_event)
+
+    @staticmethod
+    def completion(req: Request) -> Completion:
+        """The :class:`Completion` of a finished engine request (cancelled counts as "length")."""
+        reason = "length" if req.finish_reason in (None, "cancelled") else req.finish_reason
+        ids = req.output_ids if req.tracker is None else list(req.tracker.ids)
+        return Completion(req.text, ids, len(req.prompt), reason, req.num_generated)
+
+    @staticmethod
+    def chunk(event: Any, prompt_tokens: int) -> CompletionChunk:
+        """The :class:`CompletionChunk` of an engine event (the last one carries finish_reason)."""
+        reason = None
+        if event.finished:
+            reason = "length" if event.finish_reason == "cancelled" else event.finish_reason
+        return CompletionChunk(event.text, reason, prompt_tokens, event.num_generated)
+
     def complete(
         self,
         requests: Sequence[CompletionRequest],
         max_tokens_limit: Optional[int] = None,
         should_stop: Optional[Callable[[int], bool]] = None,
     ) -> List[Completion]:
-        """Run text completions as padded batches (rows grouped so each batch fits the context).
+        """Run text completions together on the engine (continuous batching: more requests
+        than slots wait for a free slot).
 
         Args:
-            requests: the completions to run; each is validated (FieldError names the field).
+            requests: the completions to run; each is validated first (FieldError names the field).
             max_tokens_limit: the largest ``max_tokens`` allowed.
             should_stop: called with a request's index after each step; True stops that
                 request (finish_reason "length"), e.g. at a deadline.
         """
         prompts = [self.check_request(r, max_tokens_limit) for r in requests]
-        tok = self.tokenizer
-        results: List[Optional[Completion]] = [None] * len(requests)
-        ctx = self.config.max_position_embeddings
-        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
-        groups: List[List[int]] = []
-        for i in order:  # prompts ascending: a group fits when longest prompt + largest max_tokens does
-            if groups:
-                g = groups[-1] + [i]
-                if len(prompts[i]) + max(requests[j].max_tokens for j in g) <= ctx:
-                    groups[-1] = g
-                    continue
-            groups.append([i])
-        for g in groups:
-            dec = BatchedDecoder(self.model, [prompts[i] for i in g], [self._params(requests[i]) for i in g],
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or 0)
-            trackers = [_TextTracker(tok, requests[i].stop) for i in g]
-            reasons = ["length"] * len(g)
-            for step in dec:
-                for row, token in enumerate(step):
-                    if token is None:
-                        continue
-                    if should_stop is not None and should_stop(g[row]):
-                        dec.finish(row)
-                    if token == tok.eos_token_id:
-                        reasons[row] = "stop"
-                        continue
-                    trackers[row].add(token)
-                    if trackers[row].stopped:
-                        reasons[row] = "stop"
-                        dec.finish(row)
-            for row, i in enumerate(g):
-                tr = trackers[row]
-                results[i] = Completion(tr.text, tr.ids, len(prompts[i]), reasons[row], dec.num_generated[row])
-        return [r for r in results if r is not None]
+        eng = self.engine
+        reqs = [eng.submit(ids, self._params(r), stop=list(r.stop)) for ids, r in zip(prompts, requests)]
+
+        def check() -> None:
+            for i, r in enumerate(reqs):
+                if not r.finished and not r.cancel_requested and should_stop(i):
+                    eng.cancel(r)
+
+        try:
+            eng.run_until_done(reqs, on_step=check if should_stop is not None else None)
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    eng.cancel(r)
+            eng.run_until_done(reqs)
+        return [self.completion(r) for r in reqs]
 
     def stream(self, request: CompletionRequest, max_tokens_limit: Optional[int] = None) -> Iterator[CompletionChunk]:
-        """Stream one completion as text chunks; the last chunk has ``finish_reason``."""
+        """Stream one completion as text chunks; the last chunk has ``finish_reason``.
+
+        Closing the iterator early cancels the request and frees its slot.
+        """
         ids = self.check_request(request, max_tokens_limit)
-        tok = self.tokenizer
-        dec = BatchedDecoder(self.model, [ids], [self._params(request)], eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id or 0)
-        tracker = _TextTracker(tok, request.stop)
-        reason = "length"
-        for step in dec:
-            token = step[0]
-            if token is None:
-                break
-            if token == tok.eos_token_id:
-                reason = "stop"
-                break
-            tracker.add(token)
-            if tracker.stopped:
-                reason = "stop"
-                dec.finish(0)
-                break
-            text = tracker.pending(final=False)
-            if text:
-                yield CompletionChunk(text, prompt_tokens=len(ids), completion_tokens=dec.num_generated[0])
-        yield CompletionChunk(tracker.pending(final=True), reason, len(ids), dec.num_generated[0])
+        eng = self.engine
+        req = eng.submit(ids, self._params(request), stop=list(request.stop))
+        try:
+            for ev in eng.stream(req):
+                if ev.finished or ev.text:
+                    yield self.chunk(ev, len(ids))
+        finally:
+            if not req.finished:
+                eng.cancel(req)
+                eng.run_until_done([req])
 
     def generate_text(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 1.0,
                       top_p: float = 1.0, top_k: Optional[int] = None, stop: Sequence[str] = (),

@@ -205,3 +205,53 @@ def test_tied_embeddings_and_dense_layers(tmp_path, make_ckpt):
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     assert torch.equal(model.generate(ids, max_length=15, temperature=0).cpu(), _argmax_reference(ref, ids, 10))
     assert list(model.stats()["resident"]) == [1]  # only layer 1 is MoE
+
+
+def test_auto_residency_and_engine_stats(tiny_ckpt, caplog):
+    """``max_experts_in_memory="auto"`` keeps every expert on a CPU device (and logs it); the
+    offload path runs through the engine with misses counted; the CLI takes "auto" and rejects junk."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from moe_lab.cli import app
+
+    path, _ = tiny_ckpt
+    with caplog.at_level(logging.INFO, logger="moe_lab.inference.optimized"):
+        auto = OptimizedMoEModel(path, device_map="cpu", max_experts_in_memory="auto")
+    assert all(c.cache_size == 4 for c in auto.expert_loader.caches)
+    assert "all 4 experts per layer resident" in caplog.text
+    with pytest.raises(ConfigError, match="or 'auto'"):
+        OptimizedMoEModel(path, device_map="cpu", max_experts_in_memory="lots")
+    half = OptimizedMoEModel(path, device_map="cpu", max_experts_in_memory=1, prefetch_strategy="none")
+    out = half.generate([[5, 6, 7], [8]], max_new_tokens=6, temperature=0)
+    full = auto.generate([[5, 6, 7], [8]], max_new_tokens=6, temperature=0)
+    assert torch.equal(out, full)  # one expert slot per layer: same tokens, experts swapped in and out
+    st = half.stats()
+    assert st["misses"] > 0 and st["engine"]["finished"] == 2 and st["engine"]["cuda_graph"] is False
+    runner = CliRunner()
+    args = ["generate", str(path), "--prompt", "ab", "--max-new-tokens", "3", "--temperature", "0"]
+    res = runner.invoke(app, args + ["--show-stats"])
+    assert res.exit_code == 0 and "experts resident per MoE layer: 4/4 (auto)" in res.output, res.output
+    res = runner.invoke(app, args + ["--max-experts-in-memory", "0"])
+    assert res.exit_code == 2 and "positive integer or auto" in res.output
+
+
+def test_complete_and_stream_with_the_engine_loop_on_a_thread(tiny_ckpt):
+    """What a server does: the engine steps on a background thread, requests come from others."""
+    path, _ = tiny_ckpt
+    model = OptimizedMoEModel(path, device_map="cpu", max_experts_in_memory=4)
+    reqs = [CompletionRequest("12 + 5 =", max_tokens=6, temperature=0), CompletionRequest("ab", max_tokens=4, temperature=0)]
+    want = model.complete(reqs)
+    model.engine.start()
+    try:
+        got = model.complete(reqs)
+        chunks = list(model.stream(reqs[0]))
+        events = []
+        r = model.submit(reqs[1], on_event=events.append)
+        assert r.done.wait(30)
+    finally:
+        model.engine.shutdown()
+    assert [c.text for c in got] == [c.text for c in want]
+    assert "".join(c.text for c in chunks) == want[0].text and chunks[-1].finish_reason == "length"
+    assert model.completion(r).text == want[1].text and events[-1].finished
