@@ -27,7 +27,9 @@ Modules: :mod:`.files` (names, atomic directories, finding checkpoints), :mod:`.
 (writing), :mod:`.header` (the safetensors header, checked), :mod:`.weights` (lazy
 tensors), :mod:`.config_file` (``config.json`` -> MoEConfig), :mod:`.checks` (loading
 checks), :mod:`.training_state` (optimizer/scheduler/trainer state), :mod:`.formats`
-(readers of transformers directories), :mod:`.reader` (:class:`Checkpoint`).
+(readers of transformers directories), :mod:`.reader` (:class:`Checkpoint`), :mod:`.sharded`
+(sharded checkpoints with torch.distributed.checkpoint, loadable at any parallel layout, and
+their consolidation into this format).
 """
 
 from .checks import available_memory
@@ -56,6 +58,7 @@ from .files import (
 from .formats import register_format, registered_formats
 from .header import SafetensorsHeader, TensorSpec, read_header
 from .reader import Checkpoint, load_pretrained_moe
+from .sharded import consolidate, is_sharded_checkpoint, load_sharded, save_sharded
 from .training_state import (
     TrainingState,
     load_optimizer_state,
@@ -85,12 +88,15 @@ __all__ = [
     "WEIGHTS_NAME",
     "available_memory",
     "clean_stale_temporaries",
+    "consolidate",
     "describe_key_mismatch",
     "find_weight_files",
+    "is_sharded_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_optimizer_state",
     "load_pretrained_moe",
+    "load_sharded",
     "load_training_state",
     "moe_config_from_json",
     "optimizer_state_by_name",
@@ -105,6 +111,7 @@ __all__ = [
     "resolve_checkpoint_dir",
     "save_model_files",
     "save_moe_checkpoint",
+    "save_sharded",
     "scheduler_state_json",
     "write_checkpoint",
     "write_json_atomic",

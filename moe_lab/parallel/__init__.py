@@ -1,5 +1,6 @@
-"""Parallelism applied to a built model: ``parallelize(model, dims)``, expert parallelism, and
-the distributed runtime (gradient sync, global norms, state gathering) the trainer is handed."""
+"""Parallelism applied to a built model: ``parallelize(model, dims, options)`` (device mesh,
+expert parallelism, tensor/sequence parallelism, FSDP2), and the distributed runtime
+(gradient sync, global norms, state gathering) the trainer is handed."""
 
 from .expert_parallel import (
     ExpertParallelism,
@@ -9,14 +10,23 @@ from .expert_parallel import (
     parallelize,
     validate_parallel_sizes,
 )
-from .runtime import DistributedRuntime
+from .layout import ParallelOptions
+from .mesh import ParallelMesh, model_problems
+from .runtime import DistributedRuntime, parallel_runtime
+from .tensor_parallel import tp_plan, vocab_parallel_loss_sum
 
 __all__ = [
     "DistributedRuntime",
     "ExpertParallelism",
     "ParallelDims",
     "ParallelGroups",
+    "ParallelMesh",
+    "ParallelOptions",
     "ParameterPlan",
+    "model_problems",
+    "parallel_runtime",
     "parallelize",
+    "tp_plan",
     "validate_parallel_sizes",
+    "vocab_parallel_loss_sum",
 ]

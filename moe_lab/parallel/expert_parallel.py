@@ -37,23 +37,8 @@ from torch import nn
 
 from ..errors import DistributedError
 from ..ops.gather_rows import gather_rows
-
-
-@dataclass(frozen=True)
-class ParallelGroups:
-    """The process groups one rank belongs to."""
-
-    world_size: int
-    rank: int
-    expert_parallel_size: int
-    ep_rank: int
-    ep_group: Optional[Any]  #: None when expert_parallel_size == 1
-    edp_group: Optional[Any]  #: None when it would be the whole world
-    dp_group: Optional[Any] = None  #: None means the default (world) group
-
-    @property
-    def expert_data_parallel_size(self) -> int:
-        return self.world_size // self.expert_parallel_size
+from .layout import device_type, parallelize
+from .mesh import ParallelDims, ParallelGroups, ParallelMesh
 
 
 @dataclass(frozen=True)
@@ -69,14 +54,6 @@ class ParameterPlan:
 
     def is_expert(self, name: str) -> bool:
         return name in self.expert
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """How the world is split. ``ep``: ranks the experts are sharded over (divides the world
-    size and ``num_experts``); every rank is data parallel."""
-
-    ep: int = 1
 
 
 def validate_parallel_sizes(
@@ -113,21 +90,6 @@ def validate_parallel_sizes(
         )
 
 
-def _new_groups(rank_lists: List[List[int]]) -> List[Any]:
-    return [dist.new_group(ranks) for ranks in rank_lists]
-
-
-def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
-    """Apply ``dims`` to a built model, in place, on every rank (a collective: every rank calls
-    it, in the same order). Returns ``model``; ``ExpertParallelism.get_groups(model)`` gives
-    its :class:`ParallelGroups`."""
-    groups = ExpertParallelism.create_groups(dims.ep, model.config.num_experts)
-    if groups.ep_group is not None:
-        model.set_expert_parallel_group(groups.ep_group)
-    model.parallel_groups = groups
-    return model
-
-
 class ExpertParallelism:
     """The public entry points of expert parallelism."""
 
@@ -136,17 +98,8 @@ class ExpertParallelism:
         """Create the EP and EDP groups. Every rank must call this, in the same order."""
         if not dist.is_initialized():
             raise DistributedError("torch.distributed is not initialised; call init_process_group first")
-        world, rank = dist.get_world_size(), dist.get_rank()
-        validate_parallel_sizes(world, num_experts or expert_parallel_size, expert_parallel_size)
-        p = expert_parallel_size
-        ep_group = edp_group = None
-        if p > 1:
-            ep_groups = _new_groups([list(range(k * p, (k + 1) * p)) for k in range(world // p)])
-            ep_group = ep_groups[rank // p]
-        if 1 < p < world:  # p == 1: experts are replicated on the world; p == world: nothing to sync
-            edp_groups = _new_groups([list(range(j, world, p)) for j in range(p)])
-            edp_group = edp_groups[rank % p]
-        return ParallelGroups(world, rank, p, rank % p, ep_group, edp_group)
+        validate_parallel_sizes(dist.get_world_size(), num_experts or expert_parallel_size, expert_parallel_size)
+        return ParallelGroups.from_mesh(ParallelMesh.build(ParallelDims(ep=expert_parallel_size), device_type()))
 
     @staticmethod
     def parallelize_experts(model: nn.Module, expert_parallel_size: int) -> nn.Module:
