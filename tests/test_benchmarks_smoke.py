@@ -58,7 +58,7 @@ def test_moe_layer_check_line_parses_what_the_benchmark_prints():
 
 def test_train_step_benchmark_tiny():
     out = _run("benchmarks/train_step.py", "--tiny")
-    assert "transformers Mixtral (grouped_mm)" in out and "moe_lab trainer (fast paths)" in out
+    assert "transformers Mixtral (grouped_mm)" in out and "moe_lab trainer (fast paths, chunked CE)" in out
 
 
 @pytest.mark.slow

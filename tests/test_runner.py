@@ -18,7 +18,7 @@ def _every_field_changed() -> TrainingConfig:
         gradient_accumulation_steps=2, max_grad_norm=0.5, weight_decay=0.2, adam_beta1=0.8, adam_beta2=0.9,
         adam_eps=1e-7, min_lr_ratio=0.3, max_steps=7, eval_steps=5, save_steps=6, logging_steps=2, eval_samples=9,
         seed=3, device="cpu", save_total_limit=4, progress_bar=False, fast_paths=False, tensorboard=False,
-        mlflow_tracking_uri=None, mlflow_experiment="other",
+        mlflow_tracking_uri=None, mlflow_experiment="other", lm_loss="chunked",
     )
     defaults = TrainingConfig()
     missing = sorted(set(TrainingConfig.model_fields) - set(changed))

@@ -62,6 +62,10 @@ def job_client(address: Optional[str] = None, token: Optional[str] = None) -> An
         raise DistributedError(f"cannot reach the Ray Jobs API at {address}: {msg}{hint}") from None
 
 
+#: how long a submission waits for a freshly started head's job agent
+AGENT_WAIT_S = 60.0
+
+
 def submit_job(
     job_path: Optional[str | os.PathLike],
     address: Optional[str] = None,
@@ -80,14 +84,21 @@ def submit_job(
     if output_dir:
         entry += f" --output-dir {output_dir}"
     env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    try:
-        return client.submit_job(
-            entrypoint=entry,
-            runtime_env={"working_dir": str(workdir), "env_vars": env},
-            metadata={"moe_lab_job": spec.name},
-        )
-    except Exception as exc:
-        raise DistributedError(f"job submission to {address or DEFAULT_ADDRESS} failed: {exc}") from None
+    # a head that has just started answers 500 "No available agent" until its dashboard agent
+    # registers: that one error is retried for a while, every other one fails at once
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entry,
+                runtime_env={"working_dir": str(workdir), "env_vars": env},
+                metadata={"moe_lab_job": spec.name},
+            )
+        except Exception as exc:
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise DistributedError(f"job submission to {address or DEFAULT_ADDRESS} failed: {exc}") from None
 
 
 def job_status(address: Optional[str], job_id: str, token: Optional[str] = None) -> str:
