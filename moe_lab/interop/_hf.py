@@ -46,6 +46,7 @@ from ._io import (
     DEFAULT_MAX_SHARD_BYTES,
     PathLike,
     UnsupportedConversionError,
+    dtype_name,
     nonzero_bias_reasons,
     put_attention_and_norms,
     put_attention_biases,
@@ -155,6 +156,37 @@ def token_ids(tokenizer: Any) -> TokenIds:
     if tokenizer is None:
         return {}
     return {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def trunk_config_dict(config: MoEConfig, token_ids: Optional[TokenIds], dtype: torch.dtype) -> Dict[str, Any]:
+    """The ``config.json`` fields every transformers decoder layout shares (attention, norms,
+    RoPE for transformers v4 and v5, embeddings, special tokens, dtype); each format adds its
+    MLP and routing fields."""
+    ids = token_ids or {}
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": ACT_TO_HF[ActivationType(config.activation)],
+        "max_position_embeddings": config.max_position_embeddings,
+        "initializer_range": config.initializer_range,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,  # transformers v4
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # v5
+        "sliding_window": None,
+        "attention_dropout": config.attention_dropout,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "output_router_logits": False,
+        "use_cache": True,
+        "bos_token_id": ids.get("bos_token_id"),
+        "eos_token_id": ids.get("eos_token_id"),
+        "pad_token_id": ids.get("pad_token_id"),
+        "dtype": dtype_name(dtype),
+        "torch_dtype": dtype_name(dtype),
+    }
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:

@@ -48,9 +48,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
-from ..types import ActivationType
 from ._hf import (
-    ACT_TO_HF,
     HFConfig,
     HFTarget,
     ExportTensors,
@@ -61,9 +59,10 @@ from ._hf import (
     import_hf,
     open_hf,
     routing_problems,
+    trunk_config_dict,
     trunk_fields,
 )
-from ._io import DEFAULT_MAX_SHARD_BYTES, PathLike, dtype_name
+from ._io import DEFAULT_MAX_SHARD_BYTES, PathLike
 
 FORMATS = ("hf-mixtral",)
 
@@ -138,38 +137,16 @@ def mixtral_config_dict(
     config: MoEConfig, token_ids: Optional[TokenIds] = None, dtype: torch.dtype = torch.float32
 ) -> Dict[str, Any]:
     """The ``config.json`` of the Mixtral equivalent of ``config`` (readable by transformers v4 and v5)."""
-    ids = token_ids or {}
     jitter = config.router_jitter_noise
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
+        **trunk_config_dict(config, token_ids, dtype),
         "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": ACT_TO_HF[ActivationType(config.activation)],
-        "max_position_embeddings": config.max_position_embeddings,
-        "initializer_range": config.initializer_range,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,  # transformers v4
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # v5
-        "sliding_window": None,
-        "attention_dropout": config.attention_dropout,
-        "tie_word_embeddings": config.tie_word_embeddings,
         "num_local_experts": config.num_experts,
         "num_experts_per_tok": config.experts_per_token,
         "router_aux_loss_coef": config.load_balancing_loss_coef,
         "router_jitter_noise": 0.0 if jitter is None else jitter,
-        "output_router_logits": False,
-        "use_cache": True,
-        "bos_token_id": ids.get("bos_token_id"),
-        "eos_token_id": ids.get("eos_token_id"),
-        "pad_token_id": ids.get("pad_token_id"),
-        "dtype": dtype_name(dtype),
-        "torch_dtype": dtype_name(dtype),
     }
 
 

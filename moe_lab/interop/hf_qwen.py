@@ -64,9 +64,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
-from ..types import ActivationType
 from ._hf import (
-    ACT_TO_HF,
     ExportTensors,
     HFConfig,
     HFTarget,
@@ -78,9 +76,10 @@ from ._hf import (
     moe_layer_frequency,
     open_hf,
     routing_problems,
+    trunk_config_dict,
     trunk_fields,
 )
-from ._io import DEFAULT_MAX_SHARD_BYTES, QKV, QKVO, PathLike, dtype_name
+from ._io import DEFAULT_MAX_SHARD_BYTES, QKV, QKVO, PathLike
 
 FORMATS = ("hf-qwen2-moe", "hf-qwen3-moe")
 QWEN2_MOE, QWEN3_MOE = "qwen2_moe", "qwen3_moe"  #: the transformers model_type values
@@ -179,37 +178,16 @@ def _config_dict(config: MoEConfig, model_type: str, ids: TokenIds, dtype: torch
     out = {
         "architectures": ["Qwen2MoeForCausalLM" if model_type == QWEN2_MOE else "Qwen3MoeForCausalLM"],
         "model_type": model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
+        **trunk_config_dict(config, ids, dtype),
         "intermediate_size": config.dense_ffn_size,  # the dense layers' MLP
         "moe_intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": ACT_TO_HF[ActivationType(config.activation)],
-        "max_position_embeddings": config.max_position_embeddings,
-        "initializer_range": config.initializer_range,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,  # transformers v4
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # v5
         "use_sliding_window": False,
-        "sliding_window": None,
-        "attention_dropout": config.attention_dropout,
-        "tie_word_embeddings": config.tie_word_embeddings,
         "decoder_sparse_step": config.moe_layer_frequency,
         "mlp_only_layers": [],
         "num_experts": config.num_experts,
         "num_experts_per_tok": config.experts_per_token,
         "norm_topk_prob": config.normalize_router_weights,
         "router_aux_loss_coef": config.load_balancing_loss_coef,
-        "output_router_logits": False,
-        "use_cache": True,
-        "bos_token_id": ids.get("bos_token_id"),
-        "eos_token_id": ids.get("eos_token_id"),
-        "pad_token_id": ids.get("pad_token_id"),
-        "dtype": dtype_name(dtype),
-        "torch_dtype": dtype_name(dtype),
     }
     if model_type == QWEN2_MOE:
         out.update({
