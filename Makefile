@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
-# two pytest workers: the Ray tests run one after another on one, the rest on the other
-# (tests/conftest.py); PYTEST_WORKERS=0 runs everything in this process
+# two pytest workers: the Ray tests in two groups, each group in turn on one worker, the rest
+# balanced over both (tests/conftest.py); PYTEST_WORKERS=0 runs everything in this process
 PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 

@@ -15,12 +15,29 @@ def _seed():
 
 
 # ---- running the suite on two processes (make test: pytest -n 2 --dist loadgroup) -----------
-# Tests that start a Ray cluster run one after another on one xdist worker, so that two
-# clusters never compete for this machine's cores and ports; every other test is balanced
-# over both workers. (xdist's own ``xdist_group`` marker does not reach the scheduler under
-# pytest 9.2, whose node ids are no longer assignable, so the scheduler here groups by path.)
-#: test files and folders, relative to the repository, whose tests start Ray clusters
-RAY_TEST_PATHS = ("tests/orchestration/",)
+# The tests that start Ray clusters form two groups, each run one test after another on one
+# xdist worker, so that at most two clusters (one per worker) run at a time and a module's
+# shared cluster is never used by two processes; every other test is balanced over both
+# workers. (xdist's own ``xdist_group`` marker does not reach the scheduler under pytest
+# 9.2, whose node ids are no longer assignable, so the scheduler here groups by path.)
+#: test files (relative to the repository) of the first group of Ray tests: training on Ray
+RAY_TRAIN_TESTS = (
+    "tests/orchestration/test_distributed.py",
+    "tests/orchestration/test_orphaned_writer.py",
+    "tests/orchestration/test_submit.py",
+    "tests/orchestration/test_cluster_sockets.py",
+)
+#: every other test under this folder is in the second group (Serve, Tune)
+RAY_TEST_DIR = "tests/orchestration/"
+
+
+def ray_group(nodeid: str) -> str:
+    """The scope of a test: "ray-train", "ray-serve-tune", or the test itself."""
+    if nodeid.startswith(RAY_TRAIN_TESTS):
+        return "ray-train"
+    if nodeid.startswith(RAY_TEST_DIR):
+        return "ray-serve-tune"
+    return nodeid
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -28,11 +45,11 @@ def pytest_xdist_make_scheduler(config, log):
         return None  # xdist's own scheduler for the other modes
     from xdist.scheduler import LoadScopeScheduling
 
-    class RayTestsTogether(LoadScopeScheduling):
-        """One scope for every Ray test (so they share a worker and run in turn); every other
-        test is a scope of its own (plain load balancing)."""
+    class RayTestsInTwoGroups(LoadScopeScheduling):
+        """One scope per group of Ray tests (a group shares a worker and runs in turn); every
+        other test is a scope of its own (plain load balancing)."""
 
         def _split_scope(self, nodeid: str) -> str:
-            return "ray" if nodeid.startswith(RAY_TEST_PATHS) else nodeid
+            return ray_group(nodeid)
 
-    return RayTestsTogether(config, log)
+    return RayTestsInTwoGroups(config, log)
