@@ -26,6 +26,7 @@ RAY_TRAIN_TESTS = (
     "tests/orchestration/test_orphaned_writer.py",
     "tests/orchestration/test_submit.py",
     "tests/orchestration/test_cluster_sockets.py",
+    "tests/test_cli.py::test_real_subprocess_train",  # `moe-lab train` runs on an embedded Ray cluster
 )
 #: every other test under this folder is in the second group (Serve, Tune)
 RAY_TEST_DIR = "tests/orchestration/"
