@@ -9,10 +9,11 @@ One run, side by side, with the same checkpoint, request and torch thread count:
 1. direct: ``OptimizedMoEModel.complete([request])`` in this process, sequentially;
 2. serve, sequential: the same request over HTTP to a local Serve app (127.0.0.1), one at
    a time; the p50 difference to (1) is Serve's overhead (HTTP proxy, routing to the
-   replica, FastAPI, JSON, the batch queue and the hop to the model thread). ``GET
+   replica, FastAPI, JSON, the engine's queue and the hops to and from its thread). ``GET
    /healthz`` (no model work) shows the part that is Serve's HTTP path alone;
 3. serve, under load: ``--requests`` requests from ``--concurrency`` client threads:
-   requests/s and p50/p99 latency (dynamic batching merges concurrent requests).
+   requests/s, p50/p99 latency and the engine's mean running batch over the phase
+   (continuous batching: requests join the running batch at the next decode step).
 
 Greedy decoding of ``--max-tokens`` tokens per request; every HTTP answer must be 200.
 """
@@ -71,7 +72,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=32, help="client threads in the load phase")
     p.add_argument("--sequential", type=int, default=50, help="requests for the overhead comparison")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--max-experts-in-memory", type=int, default=4)
+    p.add_argument("--max-experts-in-memory", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="experts per MoE layer on the device, or auto (all when they fit)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, direct and in the replica")
     p.add_argument("--device", default="cpu", help="model device, direct and in the replica (cpu, cuda)")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny model, a few requests")
@@ -136,17 +138,20 @@ def main() -> int:
             call(local.s)
             return time.perf_counter() - t
 
+        before = requests.get(f"http://127.0.0.1:{port}/v1/stats", timeout=30).json()["engine"]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
             load_lat = list(pool.map(timed, range(args.requests)))
         wall = time.perf_counter() - start
-        stats = requests.get(f"http://127.0.0.1:{port}/v1/stats", timeout=30).json()["requests"]
+        after = requests.get(f"http://127.0.0.1:{port}/v1/stats", timeout=30).json()["engine"]
     finally:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
 
     ms = 1000.0
+    steps = after["decode_steps"] - before["decode_steps"]
+    mean_batch = (after["decode_rows"] - before["decode_rows"]) / steps if steps else 0.0
     d50, s50 = _pct(direct_lat, 50), _pct(serve_lat, 50)
     print(f"serving benchmark: {ckpt if args.checkpoint else 'random model'} on {args.device}, torch threads={args.threads}, "
           f"max_tokens={args.max_tokens} (greedy), prompt {len(prompt)} tokens, torch {torch.__version__}")
@@ -160,8 +165,8 @@ def main() -> int:
     print(f"  {f'serve, {args.concurrency} concurrent':<30}{len(load_lat):>9}{_pct(load_lat, 50) * ms:>9.1f}"
           f"{_pct(load_lat, 99) * ms:>9.1f}{len(load_lat) / wall:>9.1f}")
     print(f"  Serve overhead at p50: {(s50 - d50) * ms:.1f} ms per request (target <= 5 ms); "
-          f"batches under load: {stats['batches']} for {stats['batched_requests']} requests "
-          f"(largest {stats['max_batch']})")
+          f"mean running batch under load: {mean_batch:.2f} requests per decode step "
+          f"({after['max_batch_size']} slots)")
     return 0
 
 

@@ -64,7 +64,9 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option(help="The model id clients send (default moe-lab).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead of starting a local one.")] = None,
 ) -> None:
-    """Serve a checkpoint with an OpenAI-compatible API (/v1/completions, /v1/models, /v1/stats, /healthz).
+    """Serve a checkpoint with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /v1/stats, /metrics, /healthz).
+
+    SIGTERM drains (requests in flight finish, new ones get 503), then stops; Ctrl-C stops at once.
 
     Settings (ServeArgs, listed below): the defaults, then --config FILE (a YAML mapping of fields, like jobs/serve.yaml), then the flags and --set key=value.
 
@@ -89,8 +91,13 @@ def serve(
 
     try:
         url = srv.start_server(args, host=host, port=port, address=address)
-        typer.echo(f"serving at {url}/v1 (completions, models, stats; health at {url}/healthz). Ctrl-C stops.")
+        typer.echo(srv.startup_residency())
+        typer.echo(f"serving at {url}/v1 (completions, chat/completions, models, stats; metrics at {url}/metrics, "
+                   f"health at {url}/healthz). Ctrl-C stops; SIGTERM drains first.")
         sig = srv.block_until_signal()
+        if sig == "SIGTERM":  # let the requests in flight finish; new ones get 503
+            typer.echo("SIGTERM: draining (new requests get 503) ...")
+            typer.echo(f"drained in {srv.drain_server(args):.1f}s")
         typer.echo(f"{sig}: shutting down ...")
     finally:
         srv.shutdown_server()

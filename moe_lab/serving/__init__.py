@@ -1,10 +1,11 @@
-"""Serving without Ray: the OpenAI-style protocol, the server's settings and its batcher.
+"""Serving without Ray: the OpenAI-style protocol, the server's settings and its metrics.
 
 - :mod:`.protocol`: request parsing and validation, response objects, SSE framing and
-  OpenAI-style errors for ``/v1/completions``, ``/v1/models`` and ``/v1/stats``;
+  OpenAI-style errors for ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``
+  and ``/v1/stats``;
 - :mod:`.args`: :class:`ServeArgs`, the server's settings, and :func:`load_serve_args`
   (a YAML file, flags and ``--set key=value``, as ``moe-lab serve`` takes them);
-- :mod:`.batching`: :class:`DecodeBatcher`, dynamic batching onto the one model thread;
+- :mod:`.metrics`: :class:`ServeMetrics`, a replica's Prometheus metrics (``/metrics``);
 - :mod:`.preflight`: the driver's check of a checkpoint before Ray starts;
 - :mod:`.proxy_guard`: what Serve's HTTP proxy checks before routing (the key on
   ``/-/routes``, a declared body over ``max_body_bytes``).
@@ -13,13 +14,12 @@ The Ray Serve deployment that puts them together is :mod:`moe_lab.orchestration.
 """
 
 from .args import ServeArgs, load_serve_args, resolve_checkpoint, serve_args_from
-from .batching import DecodeBatcher
-from .protocol import APIError, CompletionBody, parse_completion_request
+from .protocol import APIError, ChatBody, CompletionBody, parse_completion_request
 
 __all__ = [
     "APIError",
+    "ChatBody",
     "CompletionBody",
-    "DecodeBatcher",
     "ServeArgs",
     "load_serve_args",
     "parse_completion_request",

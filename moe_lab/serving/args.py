@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Annotated, Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -31,12 +31,12 @@ class ServeArgs(BaseModel):
     checkpoint: str = Field(description="checkpoint directory (config.json + model.safetensors)")
     model_name: str = Field("moe-lab", min_length=1, description="the id clients send as `model`")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    max_experts_in_memory: int = Field(4, ge=1, description="experts per MoE layer on the device")
+    max_experts_in_memory: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        "auto", description="experts per MoE layer on the device; auto: all when the model fits, else as many as fit")
     expert_cache_size: int = Field(8, ge=0, description="host copies of experts per MoE layer")
     eviction_policy: str = Field("lru", description="expert-cache eviction: lru or lfu")
     prefetch_strategy: str = Field("usage_based", description="expert prefetch: usage_based or none")
-    max_batch_size: int = Field(8, ge=1, description="requests batched into one decode")
-    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill (0: take what is queued)")
+    max_batch_size: int = Field(8, ge=1, description="KV slots: requests the engine decodes together")
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica")
     max_queued_requests: int = Field(128, ge=-1, description="requests waiting beyond that (-1: unbounded); then 503")
     request_timeout_s: float = Field(60.0, gt=0, description="per request; then 504")
@@ -78,10 +78,17 @@ def serve_args_help() -> str:
     return "\n".join(lines)
 
 
+#: fields of earlier versions, and why they went
+_REMOVED = {"batch_wait_timeout_s": "the engine batches continuously: a request joins the running batch at the "
+                                    "next decode step; remove the key"}
+
+
 def _describe(exc: ValidationError, origin: Mapping[str, str], labels: Mapping[str, str]) -> str:
     """A ConfigError message naming where the bad value came from (file, flag or --set)."""
     field, message, err = describe_validation_error(exc)
     where = origin.get(field or "", field or "serve args")
+    if err.get("type") == "extra_forbidden" and field in _REMOVED:
+        return f"{where}: no longer a setting ({_REMOVED[field]})"
     if err.get("type") == "extra_forbidden":
         close = difflib.get_close_matches(field or "", list(ServeArgs.model_fields), n=1)
         hint = f"; did you mean {close[0]}?" if close else f"; the fields are: {', '.join(ServeArgs.model_fields)}"

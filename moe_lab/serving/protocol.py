@@ -1,5 +1,8 @@
 """The OpenAI-style completions protocol: request parsing, responses, SSE framing and errors.
 
+Covers ``/v1/completions`` (:class:`CompletionBody`) and ``/v1/chat/completions``
+(:class:`ChatBody`; :func:`render_chat` turns its messages into a prompt).
+
 Pure: no Ray, no FastAPI app, no model. The Serve deployment
 (:mod:`moe_lab.orchestration.serve`) parses with these functions, calls the model and
 formats the result with them::
@@ -15,6 +18,11 @@ Request (``POST /v1/completions``; strict JSON types, unknown fields ignored): `
 (1 only), ``stream``; ``echo``, ``logprobs``, ``best_of`` > 1 and non-zero penalties are
 refused. Checks that need the model (token ids inside the vocabulary, prompt plus
 ``max_tokens`` inside the context) happen in the model's ``check_request``.
+
+The chat body has the same sampling fields, with ``messages`` (``[{"role": "system" | "user"
+| "assistant", "content": str}]``, at least one) instead of ``prompt``. The prompt is the
+tokenizer's chat template when it has one, else one ``"<role>: <content>\\n"`` line per
+message followed by ``"assistant:"`` (:data:`DEFAULT_CHAT_FORMAT`).
 
 Errors have the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``: ``param``
 names the bad field and ``message`` starts with it, e.g. ``temperature: Input should be
@@ -105,6 +113,12 @@ def timeout_error(timeout_s: float, what: str = "request") -> APIError:
     return APIError(504, f"the {what} did not finish within request_timeout_s={timeout_s}s", type="timeout_error")
 
 
+def draining_error() -> APIError:
+    """The 503 of a request that arrives while the server drains (SIGTERM): retry elsewhere."""
+    return APIError(503, "the server is shutting down and takes no new requests; retry on another server",
+                    type="service_unavailable", headers={"Retry-After": "1", "Connection": "close"})
+
+
 def check_api_key(authorization: Optional[str], api_key: Optional[str]) -> None:
     """Raise a 401 unless ``authorization`` is ``Bearer <api_key>`` (no key configured: no check)."""
     if api_key is None:
@@ -165,8 +179,9 @@ def _unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported", message)
 
 
-class CompletionBody(BaseModel):
-    """The fields of ``POST /v1/completions`` (strict types; unknown fields are ignored).
+class _SamplingBody(BaseModel):
+    """The fields ``/v1/completions`` and ``/v1/chat/completions`` share (strict types;
+    unknown fields are ignored).
 
     Validate with ``context={"max_tokens_limit": n}`` to cap ``max_tokens`` (the server's
     ``max_tokens_limit``).
@@ -175,27 +190,16 @@ class CompletionBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: Optional[str] = None
-    prompt: Union[str, List[StrictInt]]
     max_tokens: StrictInt = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[StrictInt] = Field(None, ge=0)
-    stop: Union[None, str, List[str]] = None
+    top_k: Optional[StrictInt] = Field(None, ge=0, description="an extension: sample from the k most likely tokens")
+    stop: Union[None, str, List[str]] = Field(None, description=f"a string or up to {MAX_STOP_SEQUENCES}")
     seed: Optional[StrictInt] = Field(None, ge=0)
-    n: StrictInt = 1
-    stream: StrictBool = False
-    echo: StrictBool = False
-    logprobs: Optional[StrictInt] = None
-    best_of: Optional[StrictInt] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, v: Union[str, List[int]]) -> Union[str, List[int]]:
-        if not v:
-            raise PydanticCustomError("empty", "is empty" if isinstance(v, str) else "is an empty token list")
-        return v
+    n: StrictInt = Field(1, description="only 1 is supported")
+    stream: StrictBool = Field(False, description="server-sent events, ending with `data: [DONE]`")
+    presence_penalty: float = Field(0.0, description="only 0 is supported")
+    frequency_penalty: float = Field(0.0, description="only 0 is supported")
 
     @field_validator("max_tokens")
     @classmethod
@@ -212,7 +216,42 @@ class CompletionBody(BaseModel):
             raise PydanticCustomError("too_long", "at most {n} stop sequences", {"n": MAX_STOP_SEQUENCES})
         return v
 
-    @field_validator("n", "best_of")
+    @field_validator("n")
+    @classmethod
+    def _only_one_n(cls, v: int) -> int:
+        if v != 1:
+            raise _unsupported("only 1 is supported")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float) -> float:
+        if v != 0:
+            raise _unsupported("not supported (must be 0)")
+        return v
+
+    @property
+    def stop_sequences(self) -> List[str]:
+        """``stop`` as a list (a single string is one stop sequence)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionBody(_SamplingBody):
+    """The body of ``POST /v1/completions``."""
+
+    prompt: Union[str, List[StrictInt]] = Field(description="text, or a list of token ids")
+    echo: StrictBool = Field(False, description="not supported")
+    logprobs: Optional[StrictInt] = Field(None, description="not supported")
+    best_of: Optional[StrictInt] = Field(None, description="only 1 is supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v: Union[str, List[int]]) -> Union[str, List[int]]:
+        if not v:
+            raise PydanticCustomError("empty", "is empty" if isinstance(v, str) else "is an empty token list")
+        return v
+
+    @field_validator("best_of")
     @classmethod
     def _only_one(cls, v: Optional[int]) -> Optional[int]:
         if v not in (None, 1):
@@ -233,22 +272,59 @@ class CompletionBody(BaseModel):
             raise _unsupported("not supported")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
+
+class ChatMessage(BaseModel):
+    """One message of a chat: ``role`` and its text ``content``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(_SamplingBody):
+    """The body of ``POST /v1/chat/completions``."""
+
+    messages: List[ChatMessage] = Field(min_length=1, description="the conversation so far, oldest first")
+    logprobs: Optional[StrictBool] = Field(None, description="not supported")
+
+    @field_validator("logprobs")
     @classmethod
-    def _no_penalty(cls, v: float) -> float:
-        if v != 0:
-            raise _unsupported("not supported (must be 0)")
+    def _no_logprobs(cls, v: Optional[bool]) -> Optional[bool]:
+        if v:
+            raise _unsupported("not supported")
         return v
 
-    @property
-    def stop_sequences(self) -> List[str]:
-        """``stop`` as a list (a single string is one stop sequence)."""
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+#: how a chat becomes a prompt when the tokenizer has no chat template: one line per message,
+#: ``"<role>: <content>\n"``, then ``"assistant:"`` for the answer to follow
+DEFAULT_CHAT_FORMAT = "{role}: {content}\n"
+
+
+def render_chat(messages: List[ChatMessage], tokenizer: Any) -> str:
+    """The prompt text of a chat: the tokenizer's chat template (with the generation prompt)
+    when it has one, else :data:`DEFAULT_CHAT_FORMAT` per message and ``"assistant:"``."""
+    rows = [{"role": m.role, "content": m.content} for m in messages]
+    if getattr(tokenizer, "chat_template", None) and hasattr(tokenizer, "apply_chat_template"):
+        return tokenizer.apply_chat_template(rows, tokenize=False, add_generation_prompt=True)
+    return "".join(DEFAULT_CHAT_FORMAT.format(**r) for r in rows) + "assistant:"
+
+
+def request_body_schema(body: type, components: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``openapi_extra`` of a route whose JSON body ``body`` (a pydantic model) validates:
+    the body's schema, with its nested models added to ``components`` (OpenAPI's
+    ``components.schemas``)."""
+    schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    components[body.__name__] = schema
+    ref = {"$ref": f"#/components/schemas/{body.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def parse_completion_request(raw: Union[bytes, str], *, model_name: str,
-                             max_tokens_limit: Optional[int] = None) -> CompletionBody:
-    """Parse and validate a ``/v1/completions`` body.
+                             max_tokens_limit: Optional[int] = None, body: type = CompletionBody) -> Any:
+    """Parse and validate a ``/v1/completions`` body (``body=ChatBody``: a
+    ``/v1/chat/completions`` one).
 
     Raises:
         APIError: 400 for invalid JSON, a non-object body or a bad field (``param`` names
@@ -261,12 +337,12 @@ def parse_completion_request(raw: Union[bytes, str], *, model_name: str,
     if not isinstance(data, dict):
         raise APIError(400, f"body: expected a JSON object, got {type(data).__name__}")
     try:
-        body = CompletionBody.model_validate(data, context={"max_tokens_limit": max_tokens_limit})
+        parsed = body.model_validate(data, context={"max_tokens_limit": max_tokens_limit})
     except ValidationError as exc:
         raise error_from_validation(exc) from None
-    if body.model is not None and body.model != model_name:
-        raise APIError(404, f"model: {body.model!r} is not served here; available: [{model_name!r}]", "model")
-    return body
+    if parsed.model is not None and parsed.model != model_name:
+        raise APIError(404, f"model: {parsed.model!r} is not served here; available: [{model_name!r}]", "model")
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,6 +414,37 @@ def completion_chunk(chunk: CompletionLike, *, model: str, id: str, created: int
                                  with_usage=chunk.finish_reason is not None).to_dict()
 
 
+def new_chat_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def _usage(c: CompletionLike) -> Dict[str, int]:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def chat_completion_response(completion: CompletionLike, *, model: str) -> Dict[str, Any]:
+    """The JSON answer of a non-streamed chat completion (a ``chat.completion`` with ``usage``)."""
+    return {"id": new_chat_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                         "finish_reason": completion.finish_reason}],
+            "usage": _usage(completion)}
+
+
+def chat_completion_chunk(chunk: CompletionLike, *, model: str, id: str, created: int,
+                          first: bool = False) -> Dict[str, Any]:
+    """One streamed ``chat.completion.chunk``: ``delta`` holds the new text (and the role on
+    the first chunk); the last one (``finish_reason`` set) carries ``usage``."""
+    delta: Dict[str, Any] = {"role": "assistant"} if first else {}
+    if chunk.text or first:
+        delta["content"] = chunk.text
+    out: Dict[str, Any] = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}]}
+    if chunk.finish_reason is not None:
+        out["usage"] = _usage(chunk)
+    return out
+
+
 def models_response(model: str, *, created: int, max_model_len: int, checkpoint: str) -> Dict[str, Any]:
     """``GET /v1/models``: the one served model (``checkpoint``: the directory's name)."""
     return {
@@ -348,15 +455,22 @@ def models_response(model: str, *, created: int, max_model_len: int, checkpoint:
 
 
 def stats_response(model: str, counters: Mapping[str, Any], expert_cache: Mapping[str, Any],
-                   monitor: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """``GET /v1/stats``: request counters, tokens served, expert-cache stats and (when the
-    replica has one) the expert monitor's stats. Numbers of any kind become JSON numbers."""
+                   monitor: Optional[Mapping[str, Any]] = None, engine: Optional[Mapping[str, Any]] = None,
+                   residency: Optional[str] = None) -> Dict[str, Any]:
+    """``GET /v1/stats``: request counters, tokens served, expert-cache stats, the inference
+    engine's counters (queue depth ``waiting``, ``running``, ``mean_batch``, ...), the
+    residency line logged at start-up and (when the replica has one) the expert monitor's
+    stats. Numbers of any kind become JSON numbers."""
     out: Dict[str, Any] = {
         "model": model,
         "requests": dict(counters),
         "tokens_served": counters["completion_tokens"],
         "expert_cache": dict(expert_cache),
     }
+    if engine is not None:
+        out["engine"] = dict(engine)
+    if residency is not None:
+        out["residency"] = residency
     if monitor is not None:
         out["monitor"] = dict(monitor)
     return json.loads(json.dumps(out, default=float))  # tensors / numpy scalars -> floats
@@ -372,17 +486,24 @@ def sse_event(payload: Mapping[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def sse_stream(chunks: AsyncIterator[CompletionLike], *, model: str) -> AsyncIterator[str]:
-    """Completion chunks as SSE frames, then ``data: [DONE]``.
+async def sse_stream(chunks: AsyncIterator[CompletionLike], *, model: str, chat: bool = False) -> AsyncIterator[str]:
+    """Completion chunks as SSE frames (``chat``: as ``chat.completion.chunk`` objects), then
+    ``data: [DONE]``.
 
     An :class:`APIError` raised by ``chunks`` (e.g. a timeout) becomes one error frame, still
     followed by ``[DONE]``. ``chunks`` is closed when the stream ends or is abandoned.
     """
-    stream_id, created = new_completion_id(), int(time.time())
+    stream_id, created = (new_chat_id() if chat else new_completion_id()), int(time.time())
+    first = True
     async with aclosing(chunks):  # type: ignore[type-var]
         try:
             async for chunk in chunks:
-                yield sse_event(completion_chunk(chunk, model=model, id=stream_id, created=created))
+                if chat:
+                    yield sse_event(chat_completion_chunk(chunk, model=model, id=stream_id, created=created,
+                                                          first=first))
+                else:
+                    yield sse_event(completion_chunk(chunk, model=model, id=stream_id, created=created))
+                first = False
         except APIError as err:
             yield sse_event(err.to_dict())
     yield SSE_DONE

@@ -5,7 +5,9 @@ three apps from the same builder:
 
 - ``/``        the default app (auth off, max_tokens_limit 32, max_body_bytes 64 KiB);
 - ``/secured`` the same with ``api_key_env`` (auth on) and max_body_bytes 4 KiB;
-- ``/tight``   max_ongoing_requests=1, max_queued_requests=1 and a 0.05 s request timeout.
+- ``/tight``   max_ongoing_requests=1, max_queued_requests=1 and a 0.05 s request timeout;
+- ``/long``    a second checkpoint with a 1024-token context, max_tokens_limit 1000 and the
+               default ``max_experts_in_memory: auto`` (streams long enough to hang up on).
 
 Serve's proxy runs moe_lab's proxy guard as ``moe-lab serve`` sets it up
 (:func:`configure_proxy`): ``/-/routes`` needs the key, a Content-Length over 64 KiB gets 413.
@@ -28,7 +30,7 @@ from ray import serve  # noqa: E402
 from moe_lab import MoEModel, OptimizedMoEModel  # noqa: E402
 from moe_lab.data import ByteTokenizer  # noqa: E402
 from moe_lab.inference import CompletionRequest  # noqa: E402
-from moe_lab.orchestration.serve import ReplicaStartupError, app_builder, configure_proxy, deploy  # noqa: E402
+from moe_lab.orchestration.serve import ReplicaStartupError, app_builder, configure_proxy, deploy, drain  # noqa: E402
 from moe_lab.serving import ServeArgs  # noqa: E402
 from moe_lab.checkpoint import write_checkpoint  # noqa: E402
 
@@ -44,11 +46,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tiny_checkpoint(path):
+def _tiny_checkpoint(path, context=64):
     torch.manual_seed(0)
     tok = ByteTokenizer()
     model = MoEModel(vocab_size=len(tok), hidden_size=32, num_layers=2, num_attention_heads=4, num_experts=4,
-                     experts_per_token=2, expert_hidden_size=32, max_position_embeddings=64, dropout=0.0)
+                     experts_per_token=2, expert_hidden_size=32, max_position_embeddings=context, dropout=0.0)
     write_checkpoint(path, model.config, model.state_dict(), tokenizer=tok)
     return path
 
@@ -56,11 +58,12 @@ def _tiny_checkpoint(path):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = _tiny_checkpoint(tmp_path_factory.mktemp("serve") / "model")
+    long_ckpt = _tiny_checkpoint(tmp_path_factory.mktemp("serve_long") / "model", context=1024)
     saved = dict(os.environ)
     os.environ[KEY_ENV] = KEY  # replicas of a local cluster inherit the driver's environment
     port = _free_port()
     base = dict(checkpoint=str(ckpt), max_experts_in_memory=2, max_tokens_limit=32, num_cpus_per_replica=0.5,
-                torch_threads=1, max_batch_size=8, batch_wait_timeout_s=0.01, max_body_bytes=PROXY_LIMIT)
+                torch_threads=1, max_batch_size=8, max_body_bytes=PROXY_LIMIT)
     configure_proxy(ServeArgs(**base, api_key_env=KEY_ENV))  # before the cluster: its proxy inherits it
     ray.init("local", num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
              log_to_driver=False, logging_level="WARNING")
@@ -71,7 +74,10 @@ def server(tmp_path_factory):
         serve.run(app_builder(ServeArgs(**secured)), name="secured", route_prefix="/secured")
         tight = {**base, "max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 0.05}
         serve.run(app_builder(ServeArgs(**tight)), name="tight", route_prefix="/tight")
-        yield {"url": f"http://127.0.0.1:{port}", "port": port, "ckpt": ckpt, "base": base}
+        long = {k: v for k, v in base.items() if k != "max_experts_in_memory"}  # the default: auto
+        long.update(checkpoint=str(long_ckpt), max_tokens_limit=1000, max_batch_size=2)
+        serve.run(app_builder(ServeArgs(**long)), name="long", route_prefix="/long")
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "ckpt": ckpt, "long": long, "base": base}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -247,7 +253,7 @@ def test_auth_off(server):
 
 
 def test_64_concurrent_requests_all_succeed_and_are_batched(server):
-    before = requests.get(f"{server['url']}/v1/stats", timeout=30).json()["requests"]
+    before = requests.get(f"{server['url']}/v1/stats", timeout=30).json()["engine"]
 
     def one(i):
         return _post(server, {"prompt": f"{i} + {i} =", "max_tokens": 6, "temperature": 0}, timeout=120)
@@ -256,10 +262,11 @@ def test_64_concurrent_requests_all_succeed_and_are_batched(server):
         results = list(pool.map(one, range(64)))
     assert [r.status_code for r in results] == [200] * 64
     assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in results)
-    after = requests.get(f"{server['url']}/v1/stats", timeout=30).json()["requests"]
-    assert after["batched_requests"] - before["batched_requests"] == 64
-    assert after["batches"] - before["batches"] < 64  # dynamic batching merged requests
-    assert after["max_batch"] > 1
+    after = requests.get(f"{server['url']}/v1/stats", timeout=30).json()["engine"]
+    assert after["requests"] - before["requests"] == 64 and after["finished"] - before["finished"] == 64
+    steps, rows = after["decode_steps"] - before["decode_steps"], after["decode_rows"] - before["decode_rows"]
+    assert rows / steps >= 3  # continuous batching: several requests per decode step (8 slots)
+    assert after["running"] == 0 and after["waiting"] == 0  # every slot free again
 
 
 def test_backpressure_503_and_timeout_504(server):
@@ -358,3 +365,180 @@ def test_replica_failing_at_start_up_reports_its_root_cause(server):
     assert "\n" not in message and "Failed to update" not in message and "Traceback" not in message
     assert "ConfigError: device_map='cuda:0' but CUDA is not available on this machine" in message, message
     assert _healthy(server)  # the other apps keep serving
+
+
+def _stats(server, prefix=""):
+    return requests.get(f"{server['url']}{prefix}/v1/stats", timeout=30).json()
+
+
+def test_client_hanging_up_mid_stream_frees_its_slot_at_once(server):
+    before = _stats(server, "/long")
+    body = {"prompt": "a long story:", "max_tokens": 1000, "temperature": 0, "stream": True}
+    r = requests.post(f"{server['url']}/long/v1/completions", json=body, stream=True, timeout=60)
+    lines = r.iter_lines(decode_unicode=True)
+    first = next(ln for ln in lines if ln)
+    assert json.loads(first[len("data: "):])["choices"][0]["finish_reason"] is None
+    r.close()  # hang up after the first chunk
+    hung_up = time.monotonic()
+    while True:
+        st = _stats(server, "/long")
+        if st["requests"]["cancelled"] > before["requests"]["cancelled"]:
+            break
+        assert time.monotonic() - hung_up < 10, st
+        time.sleep(0.05)
+    # the engine ended it as cancelled and the slot is free, long before 1000 tokens
+    assert st["engine"]["running"] == 0 and st["engine"]["waiting"] == 0 and st["engine"]["prefilling"] == 0
+    generated = st["engine"]["generated_tokens"] - before["engine"]["generated_tokens"]
+    assert 1 <= generated < 1000
+    assert st["requests"]["completed"] == before["requests"]["completed"]  # it was not answered in full
+    # the freed slot serves the next request
+    ok = _post(server, {"prompt": "after", "max_tokens": 4, "temperature": 0}, "/long")
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_residency_auto_by_default_and_logged_in_stats(server):
+    assert "2 of 4 experts per MoE layer" in _stats(server)["residency"]  # max_experts_in_memory=2
+    long = _stats(server, "/long")["residency"]
+    assert long.startswith("max_experts_in_memory='auto': 4 of 4 experts") and "all experts resident" in long
+
+
+def _chat(server, body, prefix="", **kw):
+    return requests.post(f"{server['url']}{prefix}/v1/chat/completions", json=body, timeout=60, **kw)
+
+
+def test_chat_completion_uses_the_default_format_and_streams(server, local):
+    from moe_lab.serving.protocol import ChatMessage, render_chat
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    prompt = render_chat([ChatMessage(**m) for m in messages], local.tokenizer)
+    assert prompt == "system: be brief\nuser: 2+2?\nassistant:"  # the byte tokenizer has no template
+    want = local.complete([CompletionRequest(prompt, max_tokens=10, temperature=0)])[0]
+    r = _chat(server, {"model": "moe-lab", "messages": messages, "max_tokens": 10, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": want.text}
+    assert choice["finish_reason"] == want.finish_reason
+    assert body["usage"]["prompt_tokens"] == len(prompt.encode())
+    with requests.post(f"{server['url']}/v1/chat/completions", stream=True, timeout=60,
+                       json={"messages": messages, "max_tokens": 10, "temperature": 0, "stream": True}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in s.iter_lines(decode_unicode=True) if ln]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == want.text
+    assert events[-1]["choices"][0]["finish_reason"] == want.finish_reason and "usage" in events[-1]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 33}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "y" * 80}]}, "prompt"),  # the rendered chat exceeds the context
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+])
+def test_chat_bad_input_is_400_naming_the_field(server, body, field):
+    r = _chat(server, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and r.json()["error"]["message"].startswith(field)
+
+
+def test_openapi_documents_each_request_body_as_validated(server):
+    from moe_lab.serving.protocol import ChatBody, CompletionBody
+
+    schema = requests.get(f"{server['url']}/openapi.json", timeout=30).json()
+    components = schema["components"]["schemas"]
+    for path, model, required in (("/v1/completions", CompletionBody, ["prompt"]),
+                                  ("/v1/chat/completions", ChatBody, ["messages"])):
+        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        body = components[ref.rsplit("/", 1)[1]]
+        assert body["required"] == required and set(body["properties"]) == set(model.model_fields)
+        assert body["properties"]["max_tokens"]["minimum"] == 1
+    message = components["ChatBody"]["properties"]["messages"]["items"]["$ref"].rsplit("/", 1)[1]
+    assert components[message]["properties"]["role"]["enum"] == ["system", "user", "assistant"]
+    # a body formed from the schema's required fields and defaults is accepted
+    r = _post(server, {"prompt": "x", "max_tokens": components["CompletionBody"]["properties"]["max_tokens"]["default"]})
+    assert r.status_code == 200, r.text
+
+
+def test_prometheus_metrics(server):
+    from moe_lab.serving.metrics import parse_metrics
+
+    assert _post(server, {"prompt": "metrics", "max_tokens": 5, "temperature": 0}).status_code == 200
+    r = requests.get(f"{server['url']}/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = parse_metrics(r.text)
+    assert m["moe_lab_time_to_first_token_seconds_count"] >= 1
+    assert m["moe_lab_inter_token_latency_seconds_count"] >= 1
+    assert m["moe_lab_generated_tokens_total"] >= 5
+    assert m['moe_lab_requests_finished_total{finish_reason="length"}'] >= 1
+    assert m["moe_lab_queue_depth"] == 0 and m["moe_lab_running_requests"] == 0 and m["moe_lab_mean_batch_size"] >= 1
+    assert 0 <= m["moe_lab_expert_cache_hit_rate"] <= 1
+    assert m["moe_lab_expert_cache_hits_total"] + m["moe_lab_expert_cache_misses_total"] > 0
+    # behind the key when one is set
+    assert requests.get(f"{server['url']}/secured/metrics", timeout=30).status_code == 401
+    ok = requests.get(f"{server['url']}/secured/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert ok.status_code == 200 and "moe_lab_time_to_first_token_seconds" in ok.text
+
+
+@pytest.mark.slow
+def test_drain_finishes_streams_in_flight_and_refuses_new_requests_with_503(server):
+    import threading
+
+    args = ServeArgs(**server["long"])
+    serve.run(app_builder(args), name="drain", route_prefix="/drain")
+    body = {"prompt": "drain me:", "max_tokens": 100, "temperature": 0, "stream": True}
+    streams = []  # one per client: {"status", "lines", "end"}
+
+    def client():
+        out = {"lines": []}
+        streams.append(out)
+        with requests.post(f"{server['url']}/drain/v1/completions", json=body, stream=True, timeout=120) as r:
+            out["status"] = r.status_code
+            out["lines"] = [ln for ln in r.iter_lines(decode_unicode=True) if ln]
+        out["end"] = time.monotonic()
+
+    try:
+        drained = []  # when the drain began, and when it returned
+
+        def run_drain():
+            drained.append(time.monotonic())
+            drain(args, "drain", "/drain")
+            drained.append(time.monotonic())
+
+        drainer = threading.Thread(target=run_drain)
+        clients = []
+        start = time.monotonic()
+        # a new stream every 0.2 s: those started just before the replica drains are in flight then;
+        # those Serve receives while it applies the drain wait for it, then get 503
+        while not any(c.get("status") == 503 for c in streams):
+            if len(clients) == 3:
+                drainer.start()
+            clients.append(threading.Thread(target=client))
+            clients[-1].start()
+            time.sleep(0.2)
+            assert time.monotonic() - start < 90, "the replica never started draining"
+        assert requests.get(f"{server['url']}/drain/healthz", timeout=30).status_code == 503
+        r = _post(server, {"prompt": "new", "max_tokens": 2}, "/drain")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert r.headers["Retry-After"] == "1"
+        drainer.join(timeout=120)
+        for c in clients:
+            c.join(timeout=120)
+        assert len(drained) == 2
+        accepted = [c for c in streams if c["status"] == 200]
+        assert len(accepted) >= 3 and all(c["status"] in (200, 503) for c in streams)
+        for c in accepted:  # every accepted stream ran to its end: none was cut by the drain
+            assert c["lines"][-1] == "data: [DONE]", c["lines"][-3:]
+            last = json.loads(c["lines"][-2][len("data: "):])
+            assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 100
+        # the drain began while accepted streams ran; it returned only after the last one ended
+        assert drained[0] < max(c["end"] for c in accepted) < drained[1]
+    finally:
+        serve.delete("drain")
+    assert _healthy(server, "/long")  # the other apps keep serving

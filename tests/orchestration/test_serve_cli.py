@@ -169,6 +169,9 @@ def test_real_server_from_config_file_stops_on_sigterm(ckpt, tmp_path):
     finally:
         out = server.stop(signal.SIGTERM)
     assert server.proc.returncode == 0 and "SIGTERM: shutting down" in out, out[-3000:]
+    assert "SIGTERM: draining (new requests get 503)" in out and "drained in " in out, out[-3000:]
+    # the default max_experts_in_memory: auto, and the residency it chose is printed at start-up
+    assert "max_experts_in_memory='auto': 4 of 4 experts per MoE layer on cpu (all experts resident)" in out, out
     assert "Started Serve" not in out  # quiet: no INFO chatter
 
 

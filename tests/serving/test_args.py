@@ -28,9 +28,11 @@ def test_file_then_flags_and_set(cfg):
     args = load_serve_args(path)
     assert (args.checkpoint, args.num_replicas, args.max_batch_size, args.device) == ("a", 3, 4, "cpu")
     args = load_serve_args(path, _flags(checkpoint="b", num_replicas=2),
-                           ["max_batch_size=16", "batch_wait_timeout_s=1e-3", "api_key_env=KEY", "torch_threads=null"])
+                           ["max_batch_size=16", "max_experts_in_memory=3", "api_key_env=KEY", "torch_threads=null"])
     assert (args.checkpoint, args.num_replicas, args.max_batch_size, args.device) == ("b", 2, 16, "cpu")
-    assert args.batch_wait_timeout_s == pytest.approx(1e-3) and args.api_key_env == "KEY" and args.torch_threads is None
+    assert args.max_experts_in_memory == 3 and args.api_key_env == "KEY" and args.torch_threads is None
+    assert load_serve_args(None, overrides=["checkpoint=a", "max_experts_in_memory=auto"]).max_experts_in_memory == "auto"
+    assert ServeArgs(checkpoint="a").max_experts_in_memory == "auto"  # the server's default: all when they fit
     # no file: the defaults plus what was given
     assert load_serve_args(None, _flags(checkpoint="c")) == ServeArgs(checkpoint="c")
     assert load_serve_args(None, overrides=["checkpoint=d", "num_replicas=2"]).num_replicas == 2
@@ -51,6 +53,10 @@ def test_file_then_flags_and_set(cfg):
         ({"checkpoint": "a"}, {"num_replicas": 2}, ["num_replicas=3"], r"--set num_replicas: also given as --replicas"),
         ({"model_name": "x"}, {}, [], r"^checkpoint: required \(give CHECKPOINT or set `checkpoint:` in the --config file\)"),
         ({"checkpoint": "a"}, {}, ["model_name="], r"^--set model_name: "),
+        ({"checkpoint": "a"}, {}, ["max_experts_in_memory=0"], r"^--set max_experts_in_memory: "),
+        ({"checkpoint": "a"}, {}, ["max_experts_in_memory=all"], r"^--set max_experts_in_memory: "),
+        ({"checkpoint": "a", "batch_wait_timeout_s": 0.01}, {}, [],
+         r"serve\.yaml: batch_wait_timeout_s: no longer a setting \(the engine batches continuously"),
     ],
 )
 def test_errors_name_the_file_flag_or_key(cfg, data, flags, overrides, match):

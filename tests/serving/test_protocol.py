@@ -217,3 +217,65 @@ def test_sse_abandoned_by_the_client_closes_the_source():
         return first
 
     assert asyncio.run(first_then_leave()).startswith("data: ") and closed == [True]
+
+
+# ---- chat ---------------------------------------------------------------------------------
+
+
+def test_chat_body_and_default_format():
+    raw = json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                      "max_tokens": 4, "stop": "\n", "extra": 1})
+    b = parse_completion_request(raw, model_name="moe-lab", max_tokens_limit=8, body=protocol.ChatBody)
+    assert [m.role for m in b.messages] == ["system", "user"] and b.max_tokens == 4 and b.stop_sequences == ["\n"]
+    assert protocol.render_chat(b.messages, tokenizer=object()) == "system: s\nuser: u\nassistant:"
+    for bad, param in (({"messages": []}, "messages"), ({"prompt": "x"}, "messages"),
+                       ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+                       ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 9}, "max_tokens")):
+        with pytest.raises(APIError) as info:
+            parse_completion_request(json.dumps(bad), model_name="moe-lab", max_tokens_limit=8, body=protocol.ChatBody)
+        assert info.value.status == 400 and info.value.param == param
+
+
+def test_chat_uses_the_tokenizers_template_when_it_has_one():
+    class Templated:
+        chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+
+        def apply_chat_template(self, rows, tokenize, add_generation_prompt):
+            assert tokenize is False and add_generation_prompt is True
+            return "".join(f"[{r['role']}]{r['content']}" for r in rows) + "[assistant]"
+
+    class Untemplated(Templated):
+        chat_template = None
+
+    msgs = [protocol.ChatMessage(role="user", content="hi")]
+    assert protocol.render_chat(msgs, Templated()) == "[user]hi[assistant]"
+    assert protocol.render_chat(msgs, Untemplated()) == "user: hi\nassistant:"
+
+
+def test_chat_responses_and_sse_deltas():
+    done = _Done("ab", "stop", 3, 2)
+    body = protocol.chat_completion_response(done, model="m")
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant", "content": "ab"}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+    async def chunks():
+        yield _Done("a", None, 3, 1)
+        yield _Done("", "stop", 3, 2)
+
+    async def frames():
+        return [f async for f in protocol.sse_stream(chunks(), model="m", chat=True)]
+
+    out = asyncio.run(frames())
+    assert out[-1] == protocol.SSE_DONE
+    events = [json.loads(f[len("data: "):]) for f in out[:-1]]
+    assert [e["choices"][0]["delta"] for e in events] == [{"role": "assistant", "content": "a"}, {}]
+    assert events[0]["id"] == events[1]["id"] and events[0]["id"].startswith("chatcmpl-")
+    assert "usage" not in events[0] and events[1]["usage"]["completion_tokens"] == 2
+
+
+def test_request_body_schema_resolves_nested_models():
+    components = {}
+    extra = protocol.request_body_schema(protocol.ChatBody, components)
+    ref = extra["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/ChatBody" and set(components) == {"ChatBody", "ChatMessage"}
+    assert "$defs" not in components["ChatBody"]
