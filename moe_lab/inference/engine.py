@@ -499,6 +499,12 @@ class InferenceEngine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running or self._inflight)
 
+    @property
+    def loop_alive(self) -> bool:
+        """Whether the background step loop (:meth:`start`) runs; False before ``start``, after
+        :meth:`shutdown`, and after a step raised."""
+        return self._thread is not None and self._thread.is_alive()
+
     # ---- driving -------------------------------------------------------------------------
     def stream(self, req: Request) -> Iterator[RequestOutput]:
         """``req``'s events; drives :meth:`step` itself unless a background loop runs."""

@@ -390,8 +390,7 @@ class MoECompletions:
 
     def check_health(self) -> None:
         """Serve's replica health check: the engine's step loop must still run."""
-        thread = self.engine._thread  # started in _start; gone if a step raised
-        if thread is None or not thread.is_alive():
+        if not self.engine.loop_alive:  # started in _start; gone if a step raised
             raise RuntimeError("the inference engine's step loop is not running")
 
 

@@ -168,8 +168,10 @@ def test_cancel_frees_the_slot_and_bad_requests_raise():
 def test_background_loop_serves_concurrent_consumers():
     m = _model()
     eng = InferenceEngine(m, max_batch_size=4, max_seq_len=32)
+    assert not eng.loop_alive
     eng.start()
     try:
+        assert eng.loop_alive  # what the Serve replica's health check reads
         reqs = [eng.submit([i + 1, i + 2], SamplingParams(6, temperature=0)) for i in range(6)]
         for i, r in enumerate(reqs):
             ids = [t for ev in r.events(timeout=30) for t in ev.token_ids]
@@ -180,6 +182,7 @@ def test_background_loop_serves_concurrent_consumers():
         assert late.token_ids == _argmax_reference(m, [7, 8], 3)
     finally:
         eng.shutdown()
+    assert not eng.loop_alive
 
 
 def test_graph_support_detection():
