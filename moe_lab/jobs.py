@@ -4,7 +4,7 @@
     model:    {hidden_size: 128, num_layers: 4, num_experts: 8, ...}   # MoEConfig fields
     training: {batch_size: 16, learning_rate: 3.0e-3, max_steps: 300}  # TrainingConfig fields
     data:     {dataset: builtin, max_length: 128, tokenizer: byte}      # DataSpec fields
-    scaling:  {num_workers: 1, expert_parallel_size: 1, use_gpu: false} # ScalingSpec fields
+    scaling:  {num_workers: 2, dp_shard: 1, tp: 1, ep: 2, use_gpu: false}  # ScalingSpec fields
 
 ``moe-lab train`` with no file runs :data:`DEFAULT_JOB`, a tiny MoE on the built-in corpus
 (``jobs/default.yaml`` holds the same job). One-off changes: ``--set section.key=value``.
@@ -55,23 +55,54 @@ class DataSpec(_StrictModel):
 
 
 class ScalingSpec(_StrictModel):
-    """How many Ray Train workers, and how the experts are sharded over them."""
+    """How many Ray Train workers, and how the model is split over them.
+
+    The layout (:class:`~moe_lab.parallel.ParallelDims`): ``dp_shard`` FSDP2 shards, ``tp``
+    tensor-parallel ranks, ``pp`` pipeline stages (not built yet: must be 1), ``ep`` (or its
+    API-reference name ``expert_parallel_size``) ranks the experts are sharded over, borrowed
+    from the data-parallel ones; the rest of ``num_workers`` replicates.
+    """
 
     num_workers: int = Field(1, ge=1)
     expert_parallel_size: int = Field(1, ge=1)
+    dp_shard: int = Field(1, ge=1)  #: FSDP2 shards (1: no FSDP)
+    tp: int = Field(1, ge=1)  #: tensor-parallel ranks (not with dp_shard > 1 yet)
+    pp: int = Field(1, ge=1)  #: pipeline stages (not supported yet: must be 1)
+    ep: Optional[int] = Field(None, ge=1)  #: the same as expert_parallel_size (give one of them)
     use_gpu: bool = False
     cpus_per_worker: Optional[float] = Field(None, gt=0)  #: default: sized so Ray Data is not starved
     max_failures: int = Field(0, ge=-1)
     storage_path: Optional[str] = None  #: Ray Train storage (checkpoints, results); default output_dir/ray
     address: Optional[str] = None  #: an existing Ray cluster ("auto", "ray://host:10001"); default: local
 
+    @property
+    def expert_parallel(self) -> int:
+        """Ranks the experts are sharded over (``ep``, else ``expert_parallel_size``)."""
+        return self.ep if self.ep is not None else self.expert_parallel_size
+
+    def parallel_dims(self) -> Any:
+        """The layout as resolved :class:`~moe_lab.parallel.ParallelDims` for ``num_workers``."""
+        from .parallel.mesh import ParallelDims
+
+        return ParallelDims(dp_shard=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.expert_parallel).resolve(
+            self.num_workers)
+
     @model_validator(mode="after")
     def _check(self) -> "ScalingSpec":
-        if self.num_workers % self.expert_parallel_size:
-            raise ValueError(
-                f"num_workers ({self.num_workers}) must be divisible by expert_parallel_size "
-                f"({self.expert_parallel_size})"
-            )
+        from .parallel.mesh import ParallelDims
+
+        if self.ep is not None and self.expert_parallel_size not in (1, self.ep):
+            raise ValueError(f"scaling.ep ({self.ep}) and scaling.expert_parallel_size ({self.expert_parallel_size}) "
+                             "are the same setting; give one of them")
+        ep = self.expert_parallel
+        name = "ep" if self.ep is not None else "expert_parallel_size"
+        if self.dp_shard * self.tp * self.pp == 1 and self.num_workers % ep:
+            raise ValueError(f"num_workers ({self.num_workers}) must be divisible by {name} ({ep})")
+        problems = ParallelDims(dp_shard=self.dp_shard, tp=self.tp, pp=self.pp, ep=ep).problems(
+            self.num_workers, {"world_size": "scaling.num_workers", **{k: f"scaling.{k}" for k in ("dp_shard", "tp", "pp")},
+                               "ep": f"scaling.{name}", "dp_replicate": "num_workers / (tp × pp)"})
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -87,17 +118,36 @@ class JobSpec(_StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
-        if self.model.num_experts % self.scaling.expert_parallel_size:
-            raise ValueError(
-                f"model.num_experts ({self.model.num_experts}) must be divisible by "
-                f"scaling.expert_parallel_size ({self.scaling.expert_parallel_size})"
-            )
+        problems = self.parallel_problems()
+        if self.data.streaming and self.scaling.tp > 1:
+            problems.append(f"data.streaming with scaling.tp ({self.scaling.tp}) > 1 is not supported yet: Ray Data "
+                            "gives every worker its own batches, and the TP ranks of a replica need the same ones")
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.data.max_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.max_length ({self.data.max_length}) exceeds model.max_position_embeddings "
                 f"({self.model.max_position_embeddings})"
             )
         return self
+
+    def parallel_problems(self, vocab_size: Optional[int] = None) -> List[str]:
+        """Every reason the model cannot be split by the scaling layout, naming the values
+        (``model.num_experts (6) must be divisible by scaling.ep (4)``). ``vocab_size``: the
+        tokenizer's size, when ``model.vocab_size`` is not set (None: not checked yet)."""
+        from .parallel.mesh import model_problems
+
+        sc = self.scaling
+        dims = sc.parallel_dims()
+        ep_name = "scaling.ep" if sc.ep is not None else "scaling.expert_parallel_size"
+        config = self.model if vocab_size is None or self.model.vocab_size else self.model.to_config(vocab_size)
+        problems = model_problems(dims, config, prefix="model.", dim_prefix="scaling.", dim_names={"ep": ep_name})
+        if self.model.vocab_size is None and vocab_size is not None:  # the size came from the tokenizer
+            hint = -(-vocab_size // dims.tp) * dims.tp
+            problems = [p.replace(f"model.vocab_size ({vocab_size})",
+                                  f"the tokenizer's vocabulary ({vocab_size}, set model.vocab_size to {hint})")
+                        for p in problems]
+        return problems
 
     def to_yaml(self, path: Optional[str | os.PathLike] = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -233,6 +283,9 @@ RESUME_ALLOWED = (
     "training.mlflow_experiment",
     "scaling.num_workers",
     "scaling.expert_parallel_size",
+    "scaling.ep",
+    "scaling.dp_shard",
+    "scaling.tp",
     "scaling.use_gpu",
     "scaling.cpus_per_worker",
     "scaling.max_failures",

@@ -18,6 +18,7 @@ Outputs in the job's output directory:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import platform
@@ -129,6 +130,8 @@ class TrainTask:
     init_state: Optional[Dict[str, torch.Tensor]] = None  #: None: a fresh init seeded by training.seed
     resume_from: Optional[str] = None  #: a checkpoint directory or "latest"
     expert_parallel_size: int = 1
+    #: the layout (a :class:`~moe_lab.parallel.ParallelDims`); None: data + ``expert_parallel_size``
+    dims: Any = None
     max_length: int = 512  #: block length for raw text
     callbacks: List[Any] = field(default_factory=list)
 
@@ -149,6 +152,15 @@ def build_task_model(task: TrainTask) -> torch.nn.Module:
     resume = task.resume_from
     if resume == "latest":
         resume = latest_checkpoint(Path(task.training.output_dir).expanduser().resolve())
+    if resume is not None and task.dims is not None and task.dims.sharded:
+        # the optimizer state loads as plain tensors (moe_lab.checkpoint.load_optimizer_state),
+        # which AdamW cannot mix with DTensor parameters
+        from .errors import DistributedError
+
+        raise DistributedError(
+            f"resuming from {resume} with dp_shard ({task.dims.dp_shard}) or tp ({task.dims.tp}) > 1 is not supported "
+            "yet; resume at data + expert parallelism (the checkpoint is the full model, any layout can continue it)"
+        )
     if resume is not None and task.expert_parallel_size > 1:
         Checkpoint.open(resume).load_into(model)  # full weights, before sharding
     return model
@@ -176,6 +188,9 @@ def run_task(
         objects.update(make_objects(model, runtime))
     trainer = MoETrainer.from_config(model, task.training, runtime=runtime, tokenizer=task.tokenizer,
                                      max_length=task.max_length, callbacks=list(task.callbacks), **objects)
+    loss_sum_fn = getattr(runtime, "loss_sum_fn", None)
+    if loss_sum_fn is not None:  # the layout computes the loss itself (TP: from vocabulary-sharded logits)
+        trainer.settings = dataclasses.replace(trainer.settings, loss_sum_fn=loss_sum_fn, head_loss_fn=None)
     return trainer.fit(task.train_data, task.eval_data, resume_from=task.resume_from)
 
 
@@ -188,7 +203,8 @@ def job_task(spec: JobSpec, data: PreparedData, output_dir: Path, resume: bool =
         eval_data=data.eval,
         tokenizer=data.tokenizer,
         resume_from="latest" if resume else None,
-        expert_parallel_size=spec.scaling.expert_parallel_size,
+        expert_parallel_size=spec.scaling.expert_parallel,
+        dims=spec.scaling.parallel_dims(),
         max_length=spec.data.max_length,
         **overrides,
     )

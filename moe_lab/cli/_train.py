@@ -22,7 +22,9 @@ def train(
 ) -> None:
     """Train a job on Ray Train workers. With no JOB, train the built-in default job (the main job of `make demo`).
 
-    The job's `scaling` section sets the workers: --set scaling.num_workers=2 --set scaling.expert_parallel_size=2.
+    The job's `scaling` section sets the workers and the layout: --set scaling.num_workers=2 --set scaling.ep=2
+    (expert parallelism), --set scaling.dp_shard=2 (FSDP2), --set scaling.tp=2 (tensor parallelism; see
+    jobs/train_tp.yaml and jobs/train_fsdp_ep.yaml).
     """
     from ..jobs import load_job, resume_job
     from ..orchestration.cluster import shutdown_ray

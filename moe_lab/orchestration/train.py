@@ -41,6 +41,7 @@ from torch import nn
 from ..errors import ConfigError, DistributedError
 from ..jobs import JobSpec, record_job
 from ..parallel.expert_parallel import validate_parallel_sizes
+from ..parallel.mesh import ParallelDims
 from ..parallel.runtime import DistributedRuntime, parallel_runtime
 from ..runner import TrainTask, job_task, run_task
 from ..checkpoint import Checkpoint, latest_checkpoint, load_optimizer_state, optimizer_state_by_name
@@ -167,7 +168,8 @@ def _ray_runtime(model: nn.Module, task: TrainTask) -> Runtime:
 
     if ray.train.get_context().get_world_size() == 1:
         return RayRuntime()
-    return parallel_runtime(model, task.expert_parallel_size, RayDistributedRuntime)
+    dims = task.dims if task.dims is not None else ParallelDims(ep=task.expert_parallel_size)
+    return parallel_runtime(model, runtime_cls=RayDistributedRuntime, dims=dims)
 
 
 def watch_driver(pid: int, interval_s: float = 0.1) -> None:
@@ -211,7 +213,9 @@ def train_worker(config: Dict[str, Any]) -> None:
     if config["streaming"]:
         from .data import RayDataStream
 
-        per_rank = task.training.batch_size // ray.train.get_context().get_world_size()
+        world = ray.train.get_context().get_world_size()
+        dp = task.dims.resolve(world).dp if task.dims is not None else world  # every worker is a data-parallel rank
+        per_rank = task.training.batch_size // dp
         changes["train_data"] = RayDataStream(ray.train.get_dataset_shard("train"), per_rank, seed=task.training.seed,
                                               pad_token_id=getattr(task.tokenizer, "pad_token_id", None) or 0)
     task = dataclasses.replace(task, **changes)
@@ -316,7 +320,8 @@ def _final_result(result: Any, directory: Path) -> TrainingResult:
 
 
 class DistributedMoETrainer(MoETrainer):
-    """:class:`MoETrainer`'s API, run on Ray Train workers with expert parallelism.
+    """:class:`MoETrainer`'s API, run on Ray Train workers with expert, tensor and fully
+    sharded data parallelism (:mod:`moe_lab.parallel`).
 
     The driver (this object) holds the model's weights before and after training; the
     loop runs in the workers (:func:`train_worker`). After :meth:`train`, ``evaluate`` and
@@ -324,11 +329,14 @@ class DistributedMoETrainer(MoETrainer):
 
     Args:
         model: the model to train (its weights are the initial weights on every worker).
-        world_size: number of Ray Train workers (each is a data-parallel rank).
-        expert_parallel_size: ranks the experts are sharded over (divides world_size and
-            num_experts).
-        model_parallel_size, pipeline_parallel_size: must be 1 (not supported yet).
-        **kwargs: MoETrainer options (``optimizer`` and ``scheduler`` as instances, classes or
+        world_size: number of Ray Train workers.
+        expert_parallel_size: ranks the experts are sharded over (borrowed from the
+            data-parallel ranks; divides them and num_experts).
+        model_parallel_size: tensor-parallel ranks (DTensor TP + sequence parallelism, the
+            loss from vocabulary-sharded logits); the TP ranks of a replica see the same batch.
+        pipeline_parallel_size: must be 1 (pipeline parallelism is not supported yet).
+        **kwargs: ``dp_shard`` (FSDP2 shards, 1: none; not with ``model_parallel_size > 1``
+            yet), MoETrainer options (``optimizer`` and ``scheduler`` as instances, classes or
             factories: each worker rebuilds them on its own parameters, same class and
             hyperparameters per parameter group) plus ``use_gpu`` (False), ``resources_per_worker``
             (``{"CPU": n, ...}``), ``address`` (a Ray cluster; default: local),
@@ -346,8 +354,10 @@ class DistributedMoETrainer(MoETrainer):
         pipeline_parallel_size: int = 1,
         **kwargs: Any,
     ) -> None:
-        validate_parallel_sizes(
-            world_size, model.config.num_experts, expert_parallel_size, model_parallel_size, pipeline_parallel_size
+        #: the layout, resolved; data-parallel ranks: ``self.dims.dp``
+        self.dims = validate_parallel_sizes(
+            world_size, model.config.num_experts, expert_parallel_size, model_parallel_size, pipeline_parallel_size,
+            dp_shard=kwargs.pop("dp_shard", 1), config=model.config,
         )
         self.world_size = world_size
         self.expert_parallel_size = expert_parallel_size
@@ -373,15 +383,23 @@ class DistributedMoETrainer(MoETrainer):
         import ray.data
 
         args = self.args
-        if args.batch_size % self.world_size:
+        if args.batch_size % self.dims.dp:
             raise DistributedError(
-                f"batch_size ({args.batch_size}) must be divisible by the number of data-parallel ranks ({self.world_size})"
+                f"batch_size ({args.batch_size}) must be divisible by the number of data-parallel ranks ({self.dims.dp})"
             )
         out = Path(args.output_dir).expanduser().resolve()  # workers run in other directories
         out.mkdir(parents=True, exist_ok=True)
         if resume_from == "latest":
             resume_from = latest_checkpoint(out)
+        if resume_from and self.dims.sharded:
+            raise DistributedError(
+                f"resume_from with dp_shard ({self.dims.dp_shard}) or model_parallel_size ({self.dims.tp}) > 1 is not "
+                "supported yet; resume with expert and data parallelism (any layout's checkpoint is the full model)"
+            )
         streaming = isinstance(train_dataset, ray.data.Dataset)
+        if streaming and self.dims.tp > 1:
+            raise DistributedError(f"streaming (Ray Data) with model_parallel_size ({self.dims.tp}) > 1 is not "
+                                   "supported yet: Ray Data gives every worker its own batches")
         task = TrainTask(
             model_config=self.model.config.to_dict(),
             training=args.replace(output_dir=str(out)),
@@ -391,6 +409,7 @@ class DistributedMoETrainer(MoETrainer):
             init_state={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             resume_from=str(resume_from) if resume_from else None,
             expert_parallel_size=self.expert_parallel_size,
+            dims=self.dims,
             max_length=self.max_length,
             callbacks=list(self.callbacks),
         )
@@ -423,10 +442,13 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
     from ..runner import PreparedData, build_tokenizer, finalize, parameter_counts, prepare_data
 
     out = Path(output_dir or spec.training.output_dir).expanduser().resolve()
+    sc = spec.scaling
+    if resume and sc.parallel_dims().sharded and latest_checkpoint(out) is not None:
+        raise ConfigError(f"--resume with scaling.dp_shard ({sc.dp_shard}) or scaling.tp ({sc.tp}) > 1 is not supported "
+                          "yet; resume with --set scaling.dp_shard=1 --set scaling.tp=1 (the checkpoint is the full model)")
     out.mkdir(parents=True, exist_ok=True)
     record_job(spec, out)
     t0 = time.perf_counter()
-    sc = spec.scaling
     # prepare the data before Ray starts here: tokenizing forks data.num_proc processes,
     # which is unsafe in a process that runs Ray (prepare_moe_dataset would fall back to one)
     if spec.data.streaming:
@@ -435,6 +457,7 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
 
         held_out = held_out_documents(spec)  # eval documents: kept out of the stream and of the BPE sample
         tokenizer = build_tokenizer(spec, _bpe_sample(spec, held_out) if spec.data.tokenizer == "bpe" else None)
+        _check_layout(spec, len(tokenizer))
         tok_dir = out / "tokenizer"
         save_tokenizer(tokenizer, tok_dir)
         data = PreparedData(None, _streaming_eval(spec, tokenizer, held_out), tokenizer,
@@ -442,8 +465,13 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
         init_ray(address or sc.address, num_gpus=None)
         train_data: Any = streaming_dataset(spec, str(tok_dir), num_actors=1, held_out=held_out)
     else:
-        data = prepare_data(spec)
+        tokenizer = None
+        if spec.data.tokenizer != "bpe":  # known before tokenizing: check the layout first
+            tokenizer = build_tokenizer(spec)
+            _check_layout(spec, len(tokenizer))
+        data = prepare_data(spec, tokenizer)
         train_data = data.train
+        _check_layout(spec, len(data.tokenizer))
         init_ray(address or sc.address, num_gpus=None)
     task = dataclasses.replace(job_task(spec, data, out, resume), train_data=train_data)
     scaling = RayScaling(
@@ -460,6 +488,14 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
         res = _final_result(result, Path(d))
     return finalize(spec, out, res.to_dict(), data, None, time.perf_counter() - t0,
                     extra={"scaling": sc.to_dict()}, parameters=parameter_counts(spec, len(data.tokenizer)))
+
+
+def _check_layout(spec: JobSpec, vocab_size: int) -> None:
+    """ConfigError naming the values when the job's model cannot be split by its ``scaling``
+    layout, now that the vocabulary size is known (the rest was checked when the job loaded)."""
+    problems = spec.parallel_problems(vocab_size)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _streaming_eval(spec: JobSpec, tokenizer: Any, held_out: Any = None) -> Any:

@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import DistributedError
 from ..ops.gather_rows import gather_rows
 from .layout import device_type, parallelize
-from .mesh import ParallelDims, ParallelGroups, ParallelMesh
+from .mesh import ParallelDims, ParallelGroups, ParallelMesh, model_problems
 
 
 @dataclass(frozen=True)
@@ -56,38 +56,44 @@ class ParameterPlan:
         return name in self.expert
 
 
+#: the API reference's names of the sizes (``DistributedMoETrainer``), for messages
+REFERENCE_NAMES = {"ep": "expert_parallel_size", "tp": "model_parallel_size", "pp": "pipeline_parallel_size"}
+
+
 def validate_parallel_sizes(
     world_size: int,
     num_experts: int,
     expert_parallel_size: int = 1,
     model_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
-) -> None:
-    """Raise DistributedError naming the numbers when the sizes cannot work together."""
+    dp_shard: int = 1,
+    config: Any = None,
+) -> ParallelDims:
+    """The resolved :class:`ParallelDims` of the API reference's sizes (``model_parallel_size``
+    is TP, ``pipeline_parallel_size`` PP, ``dp_shard`` FSDP); DistributedError naming the
+    numbers, by those names, when they cannot work together (or with ``config``, a MoEConfig)."""
     for name, v in (
         ("world_size", world_size),
         ("expert_parallel_size", expert_parallel_size),
         ("model_parallel_size", model_parallel_size),
         ("pipeline_parallel_size", pipeline_parallel_size),
+        ("dp_shard", dp_shard),
     ):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise DistributedError(f"{name} must be a positive int, got {v!r}")
-    if model_parallel_size > 1:
-        raise DistributedError(
-            f"model_parallel_size ({model_parallel_size}) > 1 is not supported yet; use expert and data parallelism"
-        )
-    if pipeline_parallel_size > 1:
-        raise DistributedError(
-            f"pipeline_parallel_size ({pipeline_parallel_size}) > 1 is not supported yet; use expert and data parallelism"
-        )
-    if world_size % expert_parallel_size:
-        raise DistributedError(
-            f"world_size ({world_size}) must be divisible by expert_parallel_size ({expert_parallel_size})"
-        )
+    dims = ParallelDims(dp_shard=dp_shard, tp=model_parallel_size, pp=pipeline_parallel_size, ep=expert_parallel_size)
+    if dp_shard * model_parallel_size * pipeline_parallel_size == 1 and world_size % expert_parallel_size:
+        # data + expert parallelism only: the reference's own message
+        problems = [f"world_size ({world_size}) must be divisible by expert_parallel_size ({expert_parallel_size})"]
+    else:
+        problems = dims.problems(world_size, REFERENCE_NAMES)
     if num_experts % expert_parallel_size:
-        raise DistributedError(
-            f"num_experts ({num_experts}) must be divisible by expert_parallel_size ({expert_parallel_size})"
-        )
+        problems.append(f"num_experts ({num_experts}) must be divisible by expert_parallel_size ({expert_parallel_size})")
+    if config is not None:
+        problems += [p for p in model_problems(dims, config, dim_names=REFERENCE_NAMES) if not p.startswith("num_experts")]
+    if problems:
+        raise DistributedError("; ".join(problems))
+    return dims.resolve(world_size)
 
 
 class ExpertParallelism:

@@ -31,7 +31,7 @@ order. Nothing here imports Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -95,44 +95,54 @@ class ParallelDims:
         rep = self.dp_replicate if self.dp_shard > 1 else self.dp_replicate // self.ep
         return (self.pp, rep, self.efsdp, self.ep, self.tp)
 
-    def resolve(self, world_size: int) -> "ParallelDims":
+    def resolve(self, world_size: int, names: Optional[Mapping[str, str]] = None) -> "ParallelDims":
         """These dims for ``world_size`` ranks, ``dp_replicate=-1`` filled in; DistributedError
-        naming the values when they cannot work together."""
-        _positive("world_size", world_size)
-        _positive("dp_replicate", self.dp_replicate, allow_fill=True)
+        naming the values when they cannot work together (see :meth:`problems`)."""
+        problems = self.problems(world_size, names)
+        if problems:
+            raise DistributedError("; ".join(problems))
+        if self.dp_replicate == -1:
+            return replace(self, dp_replicate=world_size // (self.dp_shard * self.tp * self.pp))
+        return self
+
+    def problems(self, world_size: int, names: Optional[Mapping[str, str]] = None) -> List[str]:
+        """Every reason these dims cannot split ``world_size`` ranks (empty: they can).
+        ``names`` renames the sizes in messages, e.g. ``{"tp": "scaling.tp", "world_size":
+        "scaling.num_workers"}`` or the API reference's ``{"tp": "model_parallel_size", ...}``.
+        A size that is not a positive int raises DistributedError at once."""
+
+        def n(key: str) -> str:
+            return (names or {}).get(key, key)
+
+        _positive(n("world_size"), world_size)
+        _positive(n("dp_replicate"), self.dp_replicate, allow_fill=True)
         for name in ("dp_shard", "tp", "pp", "ep"):
-            _positive(name, getattr(self, name))
+            _positive(n(name), getattr(self, name))
         others = self.dp_shard * self.tp * self.pp
-        dims = self
         if self.dp_replicate == -1:
             if world_size % others:
-                raise DistributedError(
-                    f"world_size ({world_size}) must be divisible by dp_shard ({self.dp_shard}) × tp ({self.tp}) "
-                    f"× pp ({self.pp}) = {others}"
-                )
-            dims = replace(self, dp_replicate=world_size // others)
-        elif dims.world_size != world_size:
-            raise DistributedError(
-                f"world_size ({world_size}) must equal dp_replicate ({self.dp_replicate}) × dp_shard ({self.dp_shard}) "
-                f"× tp ({self.tp}) × pp ({self.pp}) = {dims.world_size}"
-            )
-        if dims.dp_shard > 1 and dims.tp > 1:
+                return [f"{n('world_size')} ({world_size}) must be divisible by {n('dp_shard')} ({self.dp_shard}) "
+                        f"× {n('tp')} ({self.tp}) × {n('pp')} ({self.pp}) = {others}"]
+            rep = world_size // others
+        elif self.world_size != world_size:
+            return [f"{n('world_size')} ({world_size}) must equal {n('dp_replicate')} ({self.dp_replicate}) × "
+                    f"{n('dp_shard')} ({self.dp_shard}) × {n('tp')} ({self.tp}) × {n('pp')} ({self.pp}) = {self.world_size}"]
+        else:
+            rep = self.dp_replicate
+        out = []
+        if self.dp_shard > 1 and self.tp > 1:
             # not exact yet: FSDP2 mishandles the gradients of the vocab-parallel embedding
             # and the sequence-parallel norms (a known gap, see the tensor-parallel tests)
-            raise DistributedError(
-                f"dp_shard ({dims.dp_shard}) > 1 with tp ({dims.tp}) > 1 is not supported yet; "
-                "use FSDP or TP, each with expert parallelism"
-            )
-        if dims.pp > 1:
-            raise DistributedError(f"pp ({dims.pp}) > 1 is not supported yet (pipeline parallelism is not built)")
-        if dims.dp_shard > 1 and dims.dp_shard % dims.ep:
-            raise DistributedError(f"dp_shard ({dims.dp_shard}) must be divisible by ep ({dims.ep})")
-        if dims.dp_shard == 1 and dims.dp_replicate % dims.ep:
-            raise DistributedError(
-                f"ep ({dims.ep}) must divide the data-parallel ranks: dp_replicate ({dims.dp_replicate}) "
-                f"with dp_shard 1"
-            )
-        return dims
+            out.append(f"{n('dp_shard')} ({self.dp_shard}) > 1 with {n('tp')} ({self.tp}) > 1 is not supported yet; "
+                       "use FSDP or TP, each with expert parallelism")
+        if self.pp > 1:
+            out.append(f"{n('pp')} ({self.pp}) > 1 is not supported yet: pipeline parallelism is not built")
+        if self.dp_shard > 1 and self.dp_shard % self.ep:
+            out.append(f"{n('dp_shard')} ({self.dp_shard}) must be divisible by {n('ep')} ({self.ep})")
+        if self.dp_shard == 1 and rep % self.ep:
+            out.append(f"{n('ep')} ({self.ep}) must divide the data-parallel ranks: {n('dp_replicate')} ({rep}) "
+                       f"with {n('dp_shard')} 1")
+        return out
 
     def check_model(self, config: Any) -> None:
         """DistributedError naming the values when the model cannot be split this way."""
@@ -141,22 +151,28 @@ class ParallelDims:
             raise DistributedError("; ".join(problems))
 
 
-def model_problems(dims: ParallelDims, config: Any, prefix: str = "", dim_prefix: str = "") -> List[str]:
+def model_problems(dims: ParallelDims, config: Any, prefix: str = "", dim_prefix: str = "",
+                   dim_names: Optional[Mapping[str, str]] = None) -> List[str]:
     """Every reason ``config`` (a MoEConfig) cannot be split by ``dims`` (empty: it can).
-    ``prefix``/``dim_prefix`` name the fields in messages (``model.``, ``scaling.``)."""
+    ``prefix``/``dim_prefix`` name the fields in messages (``model.``, ``scaling.``);
+    ``dim_names`` renames single sizes (``{"ep": "expert_parallel_size"}``)."""
+
+    def d(key: str) -> str:
+        return (dim_names or {}).get(key, f"{dim_prefix}{key}")
+
     out = []
     if config.num_experts % dims.ep:
-        out.append(f"{prefix}num_experts ({config.num_experts}) must be divisible by {dim_prefix}ep ({dims.ep})")
+        out.append(f"{prefix}num_experts ({config.num_experts}) must be divisible by {d('ep')} ({dims.ep})")
     if dims.tp > 1:
         for name, v in (("num_attention_heads", config.num_attention_heads), ("num_key_value_heads", config.kv_heads),
                         ("vocab_size", config.vocab_size), ("dense_ffn_size", config.dense_ffn_size)):
             if v is not None and v % dims.tp:
-                out.append(f"{prefix}{name} ({v}) must be divisible by {dim_prefix}tp ({dims.tp})")
+                out.append(f"{prefix}{name} ({v}) must be divisible by {d('tp')} ({dims.tp})")
         if getattr(config, "qk_norm", False):
-            out.append(f"{prefix}qk_norm is not supported with {dim_prefix}tp ({dims.tp}) > 1: its per-head norm "
+            out.append(f"{prefix}qk_norm is not supported with {d('tp')} ({dims.tp}) > 1: its per-head norm "
                        "weights would see only this rank's heads")
     if dims.pp > 1 and config.num_layers < dims.pp:
-        out.append(f"{prefix}num_layers ({config.num_layers}) must be at least {dim_prefix}pp ({dims.pp})")
+        out.append(f"{prefix}num_layers ({config.num_layers}) must be at least {d('pp')} ({dims.pp})")
     return out
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from ..training.runtime import Runtime
 from .expert_parallel import ExpertParallelism, ParallelDims, ParallelGroups, ParameterPlan, _all_reduce_flat
 from .layout import ParallelOptions, parallelize
+from .tensor_parallel import vocab_parallel_loss_sum
 
 #: mesh dimensions a parameter's pieces can be split along (each a group of the ParallelMesh)
 _SPLIT_DIMS = ("dp_shard", "efsdp", "tp", "ep", "pp")
@@ -67,6 +68,13 @@ class DistributedRuntime(Runtime):
         nccl = dist.get_backend() == "nccl"
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.plan = ParameterPlan.of(model)
+
+    @property
+    def loss_sum_fn(self) -> Optional[Any]:
+        """The LM loss this layout's logits need (``StepSettings.loss_sum_fn``): the
+        vocab-parallel cross-entropy under TP (the logits are sharded over the vocabulary);
+        None: the trainer's own."""
+        return vocab_parallel_loss_sum if self.dims.tp > 1 else None
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks only (TP and PP ranks of one replica see the same data)."""

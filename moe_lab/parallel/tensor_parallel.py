@@ -18,7 +18,8 @@ The plan (Megatron-style, as torchtitan writes it for Llama):
   rank, replicated; expert parallelism shards the experts over the ``ep`` ranks;
 - ``lm_head``: column-parallel with the logits left sharded over the vocabulary
   (``Shard(-1)``); :func:`vocab_parallel_loss_sum` computes the cross-entropy from the local
-  shard without gathering the logits.
+  shard without gathering the logits. In eval mode the logits are gathered (a plain tensor,
+  as in one process), so evaluation needs nothing of TP.
 
 Every TP rank of a data-parallel rank sees the same batch. Weights hold their global shapes
 as DTensors, so the state dict keeps its names and ``full_tensor()`` gives the one-process
@@ -91,7 +92,21 @@ def apply_tp(model: nn.Module, tp_mesh: Any, plan: Dict[str, Any]) -> nn.Module:
         layer.attn.num_heads //= tp
         layer.attn.num_kv_heads //= tp
     parallelize_module(model, tp_mesh, plan)
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        head.register_forward_hook(_full_logits_in_eval)
     return model
+
+
+def _full_logits_in_eval(module: nn.Module, args: Any, out: Any) -> Any:
+    """In eval mode the LM head returns the whole logits (gathered over TP), as one process
+    does, so evaluation and generation need no vocab-parallel code; in training they stay
+    sharded over the vocabulary for :func:`vocab_parallel_loss_sum`."""
+    from torch.distributed.tensor import DTensor
+
+    if not module.training and isinstance(out, DTensor):
+        return out.full_tensor()
+    return out
 
 
 class _SumOverGroup(torch.autograd.Function):

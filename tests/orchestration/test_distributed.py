@@ -1,7 +1,7 @@
-"""Ray Train with expert parallelism on one local Ray cluster (gloo, CPU).
+"""Ray Train with expert (and tensor) parallelism on one local Ray cluster (gloo, CPU).
 
-The central check: 2 workers with EP 2 compute exactly what one process computes on the
-same global batch (per-step losses and final weights, fp32, dropout 0, rel. err <= 1e-5).
+The central check: 2 workers with EP 2 (or TP 2) compute exactly what one process computes
+on the same global batch (per-step losses and final weights, fp32, dropout 0, rel. err <= 1e-5).
 """
 
 import os
@@ -183,9 +183,16 @@ def test_streaming_with_ray_data(tmp_path):
 
 
 def test_unsupported_parallel_sizes_fail_clearly(data, tmp_path):
-    with pytest.raises(DistributedError, match=r"model_parallel_size \(2\) > 1 is not supported yet"):
+    # model_parallel_size is tensor parallelism: the model must split over it
+    with pytest.raises(DistributedError, match=r"vocab_size \(97\) must be divisible by model_parallel_size \(2\)"):
         DistributedMoETrainer(_model(), world_size=2, model_parallel_size=2)
-    with pytest.raises(DistributedError, match=r"pipeline_parallel_size \(2\) > 1 is not supported yet"):
+    with pytest.raises(DistributedError, match=r"world_size \(3\) must be divisible by dp_shard \(1\) × "
+                                               r"model_parallel_size \(2\)"):
+        DistributedMoETrainer(_model(vocab_size=98), world_size=3, model_parallel_size=2)
+    with pytest.raises(DistributedError, match=r"dp_shard \(2\) > 1 with model_parallel_size \(2\) > 1 is not supported yet"):
+        DistributedMoETrainer(_model(vocab_size=98), world_size=4, model_parallel_size=2, dp_shard=2)
+    with pytest.raises(DistributedError, match=r"pipeline_parallel_size \(2\) > 1 is not supported yet: pipeline "
+                                               r"parallelism is not built"):
         DistributedMoETrainer(_model(), world_size=2, pipeline_parallel_size=2)
     with pytest.raises(DistributedError, match=r"world_size \(3\) must be divisible by expert_parallel_size \(2\)"):
         DistributedMoETrainer(_model(), world_size=3, expert_parallel_size=2)
@@ -193,6 +200,35 @@ def test_unsupported_parallel_sizes_fail_clearly(data, tmp_path):
         DistributedMoETrainer(_model(), world_size=8, expert_parallel_size=8)
     with pytest.raises(DistributedError, match=r"batch_size \(5\) must be divisible"):
         DistributedMoETrainer(_model(), world_size=2, **OPTS).train(data, output_dir=str(tmp_path), batch_size=5)
+    # TP 2 on 2 workers is one data-parallel rank: any batch size
+    tp2 = DistributedMoETrainer(_model(vocab_size=98), world_size=2, model_parallel_size=2, **OPTS)
+    assert tp2.dims.dp == 1
+    with pytest.raises(DistributedError, match=r"resume_from with dp_shard \(1\) or model_parallel_size \(2\) > 1 "
+                                               r"is not supported yet"):
+        tp2.train(data, output_dir=str(tmp_path), batch_size=5, resume_from=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_tp2_equals_single_process_and_saves_the_full_model(data, tmp_path):
+    """model_parallel_size=2 is tensor parallelism (vocab-parallel loss, sequence-parallel
+    norms): 3 steps on 2 workers equal one process, and the checkpoint is the full model.
+    The batch of 5 rows is legal only if the workers run the TP layout (one data-parallel
+    rank); as 2 data-parallel workers they would refuse it. Losses and gradient norms (which
+    catch a wrongly scaled gradient that Adam's update would hide) match to 1e-5; the weights
+    to 1e-4: TP reorders the sums of every sharded matmul, and Adam turns that fp32 noise in a
+    near-cancelling gradient element into a single-element difference of ~1e-2 * lr."""
+    train = dict(TRAIN, batch_size=5, max_steps=3, save_steps=100, eval_samples=16)
+    held_out = data.select(range(16))  # evaluated after the last step, from the gathered logits
+    ref_model = _model(vocab_size=98)
+    ref = MoETrainer(ref_model, **OPTS).train(data, held_out, output_dir=str(tmp_path / "ref"), **train)
+    trainer = DistributedMoETrainer(_model(vocab_size=98), world_size=2, model_parallel_size=2, **OPTS)
+    res = trainer.train(data, held_out, output_dir=str(tmp_path / "tp2"), **train)
+    assert res.global_step == 3
+    _assert_close_losses(res.history["loss"] + [res.eval_loss], ref.history["loss"] + [ref.eval_loss])
+    _assert_close_losses(res.history["grad_norm"], ref.history["grad_norm"])
+    _assert_close_models(trainer.model, ref_model, rtol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "tp2" / "model").glob("model*.safetensors")) == ["model.safetensors"]
+    _assert_close_models(load_pretrained_moe(tmp_path / "tp2" / "model"), trainer.model, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------

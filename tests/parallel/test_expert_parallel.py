@@ -206,8 +206,10 @@ def test_parallel_size_validation_names_numbers():
         validate_parallel_sizes(4, 6, 4)
     with pytest.raises(DistributedError, match=r"world_size \(3\) must be divisible by expert_parallel_size \(2\)"):
         validate_parallel_sizes(3, 4, 2)
-    with pytest.raises(DistributedError, match="model_parallel_size \\(2\\) > 1 is not supported yet"):
-        validate_parallel_sizes(2, 4, 1, model_parallel_size=2)
+    # model_parallel_size is tensor parallelism (the resolved layout comes back)
+    assert validate_parallel_sizes(2, 4, 1, model_parallel_size=2).tp == 2
+    with pytest.raises(DistributedError, match="dp_shard \\(2\\) > 1 with model_parallel_size \\(2\\) > 1 is not supported yet"):
+        validate_parallel_sizes(4, 4, 1, model_parallel_size=2, dp_shard=2)
     with pytest.raises(DistributedError, match="pipeline_parallel_size \\(2\\) > 1 is not supported yet"):
         validate_parallel_sizes(2, 4, 1, pipeline_parallel_size=2)
 
