@@ -13,6 +13,7 @@ summary, the plots and the report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -64,10 +65,10 @@ def _run(args: argparse.Namespace) -> int:
         task = job_task(spec, data, out, args.resume)
         device = f"cuda:{torch.cuda.current_device()}" if gpu else "cpu"
         task.training = task.training.replace(device=device)
-        ep = spec.scaling.expert_parallel_size
+        dims = dataclasses.replace(task.dims, dp_replicate=-1)  # the job's layout; the rest is data parallel
 
         def make_runtime(model: torch.nn.Module, task_: object) -> Runtime:
-            return parallel_runtime(model, ep) if dist.get_world_size() > 1 else Runtime()
+            return parallel_runtime(model, dims=dims) if dist.get_world_size() > 1 else Runtime()
 
         result = run_task(task, make_runtime)
         if dist.get_rank() == 0:

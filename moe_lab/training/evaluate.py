@@ -74,7 +74,7 @@ def evaluate_model(
     totals = rt.all_reduce_sum(totals)
     if counts_LE is not None:
         counts_LE = rt.all_reduce_sum(counts_LE)
-        dropped_L = rt.all_reduce_sum(dropped_L) / (num_batches * rt.world_size)
+        dropped_L = rt.all_reduce_sum(dropped_L) / (num_batches * rt.dp_size)  # summed over the data-parallel ranks
     model.train(was_training)
     loss = float(totals[0] / max(float(totals[1]), 1.0))
     imbalance, cv = load_stats(counts_LE) if counts_LE is not None and counts_LE.numel() else ([], [])
