@@ -82,14 +82,14 @@ class ScalingSpec(_StrictModel):
 
     def parallel_dims(self) -> Any:
         """The layout as resolved :class:`~moe_lab.parallel.ParallelDims` for ``num_workers``."""
-        from .parallel.mesh import ParallelDims
+        from .dims import ParallelDims
 
         return ParallelDims(dp_shard=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.expert_parallel).resolve(
             self.num_workers)
 
     @model_validator(mode="after")
     def _check(self) -> "ScalingSpec":
-        from .parallel.mesh import ParallelDims
+        from .dims import ParallelDims
 
         if self.ep is not None and self.expert_parallel_size not in (1, self.ep):
             raise ValueError(f"scaling.ep ({self.ep}) and scaling.expert_parallel_size ({self.expert_parallel_size}) "
@@ -135,7 +135,7 @@ class JobSpec(_StrictModel):
         """Every reason the model cannot be split by the scaling layout, naming the values
         (``model.num_experts (6) must be divisible by scaling.ep (4)``). ``vocab_size``: the
         tokenizer's size, when ``model.vocab_size`` is not set (None: not checked yet)."""
-        from .parallel.mesh import model_problems
+        from .dims import model_problems
 
         sc = self.scaling
         dims = sc.parallel_dims()

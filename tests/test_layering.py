@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "moe_lab"
 #: lowest first; a name matches a module and everything under it
 LAYERS = [
     ["moe_lab.errors", "moe_lab.constants", "moe_lab.types", "moe_lab.version"],
-    ["moe_lab.config", "moe_lab.jobs", "moe_lab.devices"],
+    ["moe_lab.config", "moe_lab.dims", "moe_lab.jobs", "moe_lab.devices"],
     ["moe_lab.ops"],
     ["moe_lab.model"],
     ["moe_lab.data"],

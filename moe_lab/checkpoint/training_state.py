@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,23 +31,25 @@ from .weights import LazyWeights
 
 
 def optimizer_state_by_name(
-    model: nn.Module, optimizer: torch.optim.Optimizer
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensor_fn: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Split the optimizer state into tensors keyed ``"{param_name}::{key}"`` and JSON metadata."""
+    """Split the optimizer state into tensors keyed ``"{param_name}::{key}"`` and JSON metadata.
+
+    ``tensor_fn(param_name, tensor)`` turns each state tensor into what is saved (default: a
+    contiguous CPU copy; a distributed runtime passes one that gathers the full tensor, a
+    collective, which is why parameters and keys are visited in sorted order on every rank)."""
     names = {id(p): n for n, p in model.named_parameters()}
+    to_saved = tensor_fn or (lambda _name, t: t.detach().to("cpu").contiguous())
     tensors: Dict[str, torch.Tensor] = {}
     scalars: Dict[str, Dict[str, Any]] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st:
-                continue
-            name = names[id(p)]
-            for key, val in st.items():
-                if isinstance(val, torch.Tensor):
-                    tensors[f"{name}::{key}"] = val.detach().to("cpu").contiguous()
-                else:
-                    scalars.setdefault(name, {})[key] = val
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for key, val in sorted((optimizer.state.get(p) or {}).items()):
+            if isinstance(val, torch.Tensor):
+                tensors[f"{name}::{key}"] = to_saved(name, val)
+            else:
+                scalars.setdefault(name, {})[key] = val
     groups = []
     for group in optimizer.param_groups:
         g = {k: v for k, v in group.items() if k != "params"}

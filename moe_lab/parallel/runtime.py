@@ -137,21 +137,12 @@ class DistributedRuntime(Runtime):
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         """Optimizer state keyed by parameter name with full tensors (the checkpoint format of
         :func:`moe_lab.checkpoint.optimizer_state_by_name`); a collective."""
-        names = {id(p): n for n, p in model.named_parameters()}
-        tensors: Dict[str, torch.Tensor] = {}
-        scalars: Dict[str, Dict[str, Any]] = {}
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):  # the same order on every rank
-            for key, val in sorted((optimizer.state.get(p) or {}).items()):
-                if isinstance(val, torch.Tensor):
-                    tensors[f"{name}::{key}"] = self._full(name, val) if val.dim() > 0 else _local(val).detach().cpu()
-                else:
-                    scalars.setdefault(name, {})[key] = val
-        groups = []
-        for group in optimizer.param_groups:
-            g = {k: v for k, v in group.items() if k != "params"}
-            g["params"] = [names[id(p)] for p in group["params"]]
-            groups.append(g)
-        return tensors, {"param_groups": groups, "scalars": scalars, "class": type(optimizer).__name__}
+        from ..checkpoint import optimizer_state_by_name
+
+        def full(name: str, val: torch.Tensor) -> torch.Tensor:
+            return self._full(name, val) if val.dim() > 0 else _local(val).detach().cpu()
+
+        return optimizer_state_by_name(model, optimizer, full)
 
     def expert_slices(self, model: nn.Module) -> Optional[Dict[str, slice]]:
         """Rows of the full expert tensors held here; ``{}`` when the parameters are sharded
