@@ -35,7 +35,7 @@ def _listening(port):
 @pytest.fixture(scope="module")
 def head():
     token = secrets.token_hex(16)
-    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    gcs, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="mlh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -43,6 +43,9 @@ def head():
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--port", str(gcs), "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+         # the job agent's HTTP port too: its default (52365) is taken while another Ray cluster
+         # runs on this machine (make test runs two), and jobs then never find an agent
+         "--dashboard-agent-listen-port", str(agent),
          "--num-cpus", "4", "--disable-usage-stats", "--temp-dir", temp],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
