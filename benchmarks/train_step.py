@@ -29,6 +29,7 @@ import torch
 from moe_lab.config import MoEConfig
 from moe_lab.model import MoEModel
 from moe_lab.training import MoETrainer, train_step
+from moe_lab.training.runtime import Runtime
 
 H100_BF16_PEAK = 989e12  # dense bf16 peak of an H100/H200 SXM (the torchtitan MFU convention)
 
@@ -61,17 +62,53 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def set_compile_mode(trainer: MoETrainer, mode: str) -> None:
+    """An experiment, not a trainer option: recompile the fast paths' decoder layers in another
+    ``torch.compile`` mode ("reduce-overhead": CUDA graphs of each layer's forward and backward;
+    one micro-batch per step only, see BENCHMARKS.md)."""
+    if mode != "default" and trainer.args.fast_paths and trainer.device.type == "cuda":
+        for layer in trainer.model.layers:
+            layer.compile(dynamic=False, mode=mode)
+
+
+class _OneRankFSDPRuntime(Runtime):
+    """The one-process runtime for a model under FSDP2 at degree 1: its gradient norm is a
+    DTensor, returned here as a plain tensor."""
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: Any) -> torch.Tensor:
+        norm = super().clip_grad_norm(model, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _fsdp_one_rank(model: torch.nn.Module, device: torch.device) -> None:
+    """torchtitan's single-GPU precision: FSDP2 at degree 1 with ``MixedPrecisionPolicy`` (bf16
+    parameters for compute, fp32 master weights and gradient reduction), per decoder layer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from titan_peer import _ensure_process_group  # benchmarks/ is on sys.path when run as a script
+
+    _ensure_process_group(device)
+    mesh = init_device_mesh(device.type, (1,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+
 def bench_moe_lab(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.device, fast: bool,
                   steps: int, warmup: int, lm_loss: str = "auto", profile: bool = False,
-                  compile_mode: str = "default") -> Dict[str, Any]:
+                  compile_mode: str = "default", fsdp_bf16: bool = False) -> Dict[str, Any]:
     free_memory(device)
     torch.manual_seed(0)
     model = MoEModel.from_config(cfg)
-    trainer = MoETrainer(model, device=str(device), mixed_precision=True, fast_paths=fast, progress_bar=False,
-                         tensorboard=False, seed=0, lm_loss=lm_loss)
-    if fast and compile_mode != "default":  # an experiment: the fast paths' layers in another compile mode
-        for layer in trainer.model.layers:
-            layer.compile(dynamic=False, mode=compile_mode)
+    # fsdp_bf16: bf16 parameters from FSDP2's policy instead of autocast over fp32 parameters
+    trainer = MoETrainer(model, device=str(device), mixed_precision=not fsdp_bf16, fast_paths=fast,
+                         progress_bar=False, tensorboard=False, seed=0, lm_loss=lm_loss,
+                         runtime=_OneRankFSDPRuntime() if fsdp_bf16 else None)
+    set_compile_mode(trainer, compile_mode)
+    if fsdp_bf16:
+        _fsdp_one_rank(trainer.model, device)
     trainer.setup_optimizer(3e-4, 10, 1000)
 
     def step() -> float:  # the public step moe-lab train runs, with the trainer's settings
@@ -171,6 +208,10 @@ def main() -> None:
                         "(compiled, then its CUDA-graph default; benchmarks/titan_peer.py)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time the fast paths with the layers compiled in mode reduce-overhead (CUDA graphs)")
+    p.add_argument("--spmd-backend", nargs="+", default=["spmd_types"], choices=["spmd_types", "partial_dtensor"],
+                   help="torchtitan's ParallelismConfig.spmd_backend for its rows (each one given is timed)")
+    p.add_argument("--fsdp-bf16", action="store_true",
+                   help="also time moe_lab with torchtitan's precision: FSDP2 at degree 1, bf16 parameters, fp32 master")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -190,7 +231,19 @@ def main() -> None:
     print(f"{'implementation':<46}{'tokens/s':>12}{'vs first':>10}{'MFU titan':>11}{'MFU megatron':>14}{'peak GiB':>10}{'loss':>9}")
     rows: List[Dict[str, Any]] = []
 
-    def add(row_name: str, result: Dict[str, Any]) -> None:  # printed as it comes, so a timeout keeps the rows run
+    def add(row_name: str, bench: Any, *a: Any, **kw: Any) -> None:
+        """Run one row and print it as it comes (so a timeout keeps the rows run); a row that
+        fails prints its error and the others still run."""
+        try:
+            result = bench(*a, **kw)
+        except Exception as error:  # noqa: BLE001 - a benchmark row, reported and skipped
+            import traceback
+
+            tb = traceback.format_exception(error)
+            print(f"{row_name:<46} FAILED: {type(error).__name__}: {str(error)[:300]}\n"
+                  + "".join(tb)[-4000:], flush=True)
+            free_memory(device)
+            return
         rows.append({"name": row_name, **result})
         tps = b * s / result["seconds"]
         print(f"{row_name:<46}{tps:>12,.0f}{rows[0]['seconds'] / result['seconds']:>9.2f}x"
@@ -199,27 +252,33 @@ def main() -> None:
 
     # the order puts the headline rows first, so that a run cut short still has them
     if not args.skip_hf:
-        add("transformers Mixtral (grouped_mm)", bench_hf(cfg, batch, device, "grouped_mm", steps, warmup))
-    add("moe_lab trainer (fast paths, chunked CE)",
-        bench_moe_lab(cfg, batch, device, True, steps, warmup, lm_loss="chunked", profile=args.profile))
+        add("transformers Mixtral (grouped_mm)", bench_hf, cfg, batch, device, "grouped_mm", steps, warmup)
+    add("moe_lab trainer (fast paths, chunked CE)", bench_moe_lab, cfg, batch, device, True, steps, warmup,
+        lm_loss="chunked", profile=args.profile)
     if args.torchtitan:
         from titan_peer import bench_torchtitan_train  # benchmarks/ is on sys.path when run as a script
 
-        if device.type == "cuda":
-            add("torchtitan 0.3.0 (its default: + CUDA graph)",
-                bench_torchtitan_train(cfg, batch, device, steps, warmup, cuda_graph=True))
-        add("torchtitan 0.3.0 Qwen3-MoE (compiled, FSDP2 bf16)",
-            bench_torchtitan_train(cfg, batch, device, steps, warmup, cuda_graph=False))
+        for backend in args.spmd_backend:
+            if device.type == "cuda":
+                add(f"torchtitan 0.3.0 (default: + CUDA graph; {backend})", bench_torchtitan_train, cfg, batch, device,
+                    steps, warmup, cuda_graph=True, spmd_backend=backend)
+            add(f"torchtitan 0.3.0 (compiled, FSDP2 bf16; {backend})", bench_torchtitan_train, cfg, batch, device,
+                steps, warmup, cuda_graph=False, spmd_backend=backend)
+    if args.fsdp_bf16:
+        add("moe_lab (fast, chunked CE, FSDP2 bf16 params)", bench_moe_lab, cfg, batch, device, True, steps, warmup,
+            lm_loss="chunked", fsdp_bf16=True)
     if not args.skip_hf and device.type == "cuda":
-        add("transformers Mixtral (grouped_mm, compiled)",
-            bench_hf(cfg, batch, device, "grouped_mm", steps, warmup, compiled=True))
-    add("moe_lab trainer (fast paths, logits CE)", bench_moe_lab(cfg, batch, device, True, steps, warmup, lm_loss="logits"))
+        add("transformers Mixtral (grouped_mm, compiled)", bench_hf, cfg, batch, device, "grouped_mm", steps, warmup,
+            compiled=True)
+    add("moe_lab trainer (fast paths, logits CE)", bench_moe_lab, cfg, batch, device, True, steps, warmup,
+        lm_loss="logits")
     if not args.skip_eager:
-        add("moe_lab trainer (eager)", bench_moe_lab(cfg, batch, device, False, steps, warmup))
+        add("moe_lab trainer (eager)", bench_moe_lab, cfg, batch, device, False, steps, warmup)
     if args.cuda_graphs and device.type == "cuda":
-        add("moe_lab (fast paths, chunked CE, layers reduce-overhead)",
-            bench_moe_lab(cfg, batch, device, True, steps, warmup, lm_loss="chunked", compile_mode="reduce-overhead"))
-
+        add("moe_lab (fast paths, chunked CE, layers reduce-overhead)", bench_moe_lab, cfg, batch, device, True, steps,
+            warmup, lm_loss="chunked", compile_mode="reduce-overhead")
+    if len(rows) < 1 + (not args.skip_hf):
+        raise SystemExit("a headline row failed (see above)")
 
 if __name__ == "__main__":
     main()

@@ -70,3 +70,12 @@ def test_gpu_decode_benchmark_tiny():
         assert row in out, out
     assert "batch 8: moe_lab engine / transformers =" in out and "offload (half resident)" in out
     assert re.search(r"4/8 experts resident \(hit rate [\d.]+, \d+ misses\)", out), out
+
+
+def test_loss_parity_benchmark_tiny():
+    # the chunked linear + cross-entropy (the one fast path that runs on CPU) is judged against
+    # the eager reference; a wrong chunked loss fails its first-step check and the script exits 1
+    out = _run("benchmarks/loss_parity.py", "--tiny")
+    verdicts = dict(re.findall(r"^(chunked CE, eager layers)\s+\S+\s+\S+\s+(PASS|FAIL)$", out, re.MULTILINE))
+    assert verdicts == {"chunked CE, eager layers": "PASS"}, out
+    assert "bf16 noise" in out
