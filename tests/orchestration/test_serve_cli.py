@@ -133,46 +133,52 @@ class _Server:
         self.proc.wait()
 
 
-def test_real_server_answers_then_stops_on_ctrl_c(ckpt):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "moe_lab", "serve", str(ckpt), "--port", str(port), "--set", "num_cpus_per_replica=0.5",
-           "--api-key-env", "MOE_LAB_CLI_TEST_KEY", "--set", "max_tokens_limit=16"]
-    server = _Server(cmd)
-    server.wait_ready(port)
-    try:
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        body = {"model": "moe-lab", "prompt": "12 + 5 =", "max_tokens": 8, "temperature": 0}
-        assert requests.post(url, json=body, timeout=60).status_code == 401
-        r = requests.post(url, json=body, headers={"Authorization": "Bearer k3y"}, timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        out = server.stop(signal.SIGINT)
-    assert server.proc.returncode == 0, out[-3000:]
-    assert "serving at http://127.0.0.1:" in out and "SIGINT: shutting down" in out and out.rstrip().endswith("stopped")
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0  # the proxy is gone
-
-
 @pytest.mark.slow
-def test_real_server_from_config_file_stops_on_sigterm(ckpt, tmp_path):
+def test_real_server_from_config_file_answers_then_drains_on_sigterm(ckpt, tmp_path):
+    # one real server for the whole path (a server costs a Ray cluster and a replica start):
+    # config file + flags, auth, the model name, then SIGTERM drains and stops it
     port = _free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump({"checkpoint": str(ckpt), "num_cpus_per_replica": 0.5, "model_name": "tiny"}))
-    server = _Server([sys.executable, "-m", "moe_lab", "serve", "--config", str(cfg), "--port", str(port)])
+    server = _Server([sys.executable, "-m", "moe_lab", "serve", "--config", str(cfg), "--port", str(port),
+                      "--api-key-env", "MOE_LAB_CLI_TEST_KEY", "--set", "max_tokens_limit=16"])
     server.wait_ready(port)
     try:
-        models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        auth = {"Authorization": "Bearer k3y"}
+        models = requests.get(f"http://127.0.0.1:{port}/v1/models", headers=auth, timeout=30).json()
         assert [m["id"] for m in models["data"]] == ["tiny"]
-        r = requests.post(f"http://127.0.0.1:{port}/v1/completions",
-                          json={"model": "tiny", "prompt": "hi", "max_tokens": 4}, timeout=60)
-        assert r.status_code == 200
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": "tiny", "prompt": "12 + 5 =", "max_tokens": 8, "temperature": 0}
+        assert requests.post(url, json=body, timeout=60).status_code == 401
+        r = requests.post(url, json=body, headers=auth, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        too_long = requests.post(url, json={**body, "max_tokens": 17}, headers=auth, timeout=60)
+        assert too_long.status_code == 400 and "max_tokens" in too_long.text  # the --set limit applies
     finally:
         out = server.stop(signal.SIGTERM)
     assert server.proc.returncode == 0 and "SIGTERM: shutting down" in out, out[-3000:]
+    assert "serving at http://127.0.0.1:" in out and out.rstrip().endswith("stopped"), out[-3000:]
     assert "SIGTERM: draining (new requests get 503)" in out and "drained in " in out, out[-3000:]
     # the default max_experts_in_memory: auto, and the residency it chose is printed at start-up
     assert "max_experts_in_memory='auto': 4 of 4 experts per MoE layer on cpu (all experts resident)" in out, out
     assert "Started Serve" not in out  # quiet: no INFO chatter
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # the proxy is gone
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_block_until_signal_names_the_signal_and_restores_the_handlers(sig):
+    # what `moe-lab serve` waits in: Ctrl-C (SIGINT) stops at once, SIGTERM drains first
+    from moe_lab.orchestration.serve import block_until_signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), sig))
+    timer.start()
+    try:
+        assert block_until_signal() == sig.name
+    finally:
+        timer.cancel()
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 @pytest.mark.slow
