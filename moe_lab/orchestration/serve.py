@@ -92,6 +92,9 @@ logger = logging.getLogger("moe_lab.serve")
 #: the import path a Serve config file names
 APP_IMPORT_PATH = "moe_lab.orchestration.serve:app_builder"
 
+#: response header naming the replica that answered a completion (its Serve replica id)
+REPLICA_HEADER = "X-MoE-Lab-Replica"
+
 # the schema and docs are routes of the deployment below, behind the key when one is set
 api = FastAPI(title="moe_lab completions", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -317,14 +320,17 @@ class MoECompletions:
         req, events = self._submit(creq)
         deadline = time.monotonic() + self.args.request_timeout_s
         name = self.args.model_name
+        # which replica answered (logs, debugging a multi-replica deployment)
+        replica = {REPLICA_HEADER: serve.get_replica_context().replica_id.unique_id}
         if stream:
             self._count(streamed=1)
             frames = protocol.sse_stream(self._chunks(req, events, deadline), model=name, chat=chat)
-            return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(frames, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", **replica})
         completion = await self._complete(req, events, deadline)
         if chat:
-            return protocol.chat_completion_response(completion, model=name)
-        return protocol.completion_response(completion, model=name)
+            return JSONResponse(protocol.chat_completion_response(completion, model=name), headers=replica)
+        return JSONResponse(protocol.completion_response(completion, model=name), headers=replica)
 
     # ---- routes -----------------------------------------------------------------------
     @api.get("/healthz")

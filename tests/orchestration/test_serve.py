@@ -545,3 +545,64 @@ def test_drain_finishes_streams_in_flight_and_refuses_new_requests_with_503(serv
     finally:
         serve.delete("drain")
     assert _healthy(server, "/long")  # the other apps keep serving
+
+
+@pytest.mark.slow
+def test_killing_one_of_two_replicas_fails_only_the_requests_it_held(server):
+    """Two replicas under streaming load; SIGKILL-like ``ray.kill`` of one mid-stream: every
+    client gets an answer, the streams on the survivor finish, only the killed replica's
+    streams end early (cut before ``[DONE]``, never a hang), and new requests keep working."""
+    import threading
+
+    from moe_lab.orchestration.serve import REPLICA_HEADER
+
+    serve.run(app_builder(ServeArgs(**{**server["long"], "num_replicas": 2, "max_batch_size": 4})), name="pair",
+              route_prefix="/pair")
+    body = {"prompt": "pair:", "max_tokens": 300, "temperature": 0, "stream": True}
+    streams = []
+
+    def client():
+        out = {"lines": [], "first": threading.Event()}
+        streams.append(out)
+        try:
+            with requests.post(f"{server['url']}/pair/v1/completions", json=body, stream=True, timeout=120) as r:
+                out["status"], out["replica"] = r.status_code, r.headers.get(REPLICA_HEADER)
+                for ln in r.iter_lines(decode_unicode=True):
+                    if ln:
+                        out["lines"].append(ln)
+                        out["first"].set()
+        except requests.RequestException as exc:  # the connection cut by the dead replica
+            out["error"] = type(exc).__name__
+        out["first"].set()
+
+    try:
+        clients = [threading.Thread(target=client) for _ in range(6)]
+        for c in clients:
+            c.start()
+            time.sleep(0.1)
+        deadline = time.monotonic() + 120
+        while len(streams) < 6 or not all(s["first"].is_set() for s in streams):
+            assert time.monotonic() < deadline, "the streams did not start"
+            time.sleep(0.05)
+        replicas = {s.get("replica") for s in streams}
+        assert None not in replicas and len(replicas) == 2, f"the load did not reach both replicas: {replicas}"
+        victim = streams[0]["replica"]
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"]]
+        assert len(names) == 1, names
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+        for c in clients:
+            c.join(timeout=180)
+        assert not any(c.is_alive() for c in clients), "a client hung after the replica died"
+        for s in streams:
+            done = bool(s["lines"]) and s["lines"][-1] == "data: [DONE]"
+            if s["replica"] == victim:  # cut: no [DONE] (a broken chunked body, or an error event)
+                assert not done, s["lines"][-2:]
+            else:  # on the survivor: ran to its end
+                assert s["status"] == 200 and done and "error" not in s, (s.get("error"), s["lines"][-2:])
+                last = json.loads(s["lines"][-2][len("data: "):])
+                assert last["usage"]["completion_tokens"] == 300
+        for _ in range(3):  # the app keeps answering (the survivor, then the replacement Serve starts)
+            r = _post(server, {"prompt": "after", "max_tokens": 4, "temperature": 0}, "/pair")
+            assert r.status_code == 200 and r.headers[REPLICA_HEADER] != victim, r.text
+    finally:
+        serve.delete("pair")
