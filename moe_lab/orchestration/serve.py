@@ -423,9 +423,13 @@ def app_builder(args: Union[ServeArgs, Dict[str, Any]], draining: bool = False) 
     options: Dict[str, Any] = {}
     if args.replica_start_attempts is not None:
         options["max_constructor_retry_count"] = args.replica_start_attempts
+    autoscaling = args.autoscaling_config()
+    if autoscaling is not None:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = args.num_replicas
     return MoECompletions.options(
         user_config={"draining": draining},  # see drain()
-        num_replicas=args.num_replicas,
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         ray_actor_options=actor,
@@ -452,17 +456,26 @@ def drain(args: ServeArgs, name: str, route_prefix: str = "/", timeout_s: Option
     serve.run(app_builder(args, draining=True), name=name, route_prefix=route_prefix, **run_options)
     handle = serve.get_app_handle(name)
     idle: set = set()
-    while len(idle) < args.num_replicas and time.monotonic() < deadline:
+    want = _running_replicas(name) or args.num_replicas  # an autoscaled app may run more than num_replicas
+    while len(idle) < want and time.monotonic() < deadline:
         state = handle.drain_state.remote().result(timeout_s=30)
         if state["draining"] and state["in_flight"] == 0:
             idle.add(state["replica"])
         else:
             time.sleep(0.02)
-    if len(idle) < args.num_replicas:
+    if len(idle) < want:
         logger.warning("drain: %d of %d replicas still had requests in flight after the timeout",
-                       args.num_replicas - len(idle), args.num_replicas)
+                       want - len(idle), want)
     time.sleep(0.2)  # the last frames of a stream that just ended reach the client
     return time.monotonic() - start
+
+
+def _running_replicas(name: str) -> int:
+    """Replicas of app ``name`` that Serve reports RUNNING (0 if it knows no such app)."""
+    app = serve.status().applications.get(name)
+    if app is None:
+        return 0
+    return sum(int(d.replica_states.get("RUNNING", 0)) for d in app.deployments.values())
 
 
 def startup_failure(messages: List[str]) -> Optional[str]:

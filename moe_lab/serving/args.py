@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from .protocol import describe_validation_error
@@ -43,12 +43,29 @@ class ServeArgs(BaseModel):
     max_tokens_limit: int = Field(256, ge=1, description="largest max_tokens a request may ask for")
     max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body in bytes (1 MiB); larger ones get 413")
     api_key_env: Optional[str] = Field(None, min_length=1, description="env var holding the API key (unset: no auth)")
-    num_replicas: int = Field(1, ge=1, description="model replicas")
+    num_replicas: int = Field(1, ge=1, description="model replicas (with max_replicas: the fewest)")
+    max_replicas: Optional[int] = Field(
+        None, ge=1, description="autoscale between num_replicas and this many replicas (null: a fixed num_replicas)")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="autoscaling: requests in flight per replica that Serve scales to keep")
     num_cpus_per_replica: float = Field(1.0, ge=0, description="Ray CPUs per replica")
     num_gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per replica")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per replica")
     replica_start_attempts: Optional[int] = Field(
         None, ge=1, description="failed replica starts before the deploy gives up (null: Serve's, 3 per replica)")
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> "ServeArgs":
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= num_replicas ({self.num_replicas})")
+        return self
+
+    def autoscaling_config(self) -> Optional[Dict[str, Any]]:
+        """Ray Serve's ``autoscaling_config`` when ``max_replicas`` is set, else None."""
+        if self.max_replicas is None:
+            return None
+        return {"min_replicas": self.num_replicas, "initial_replicas": self.num_replicas,
+                "max_replicas": self.max_replicas, "target_ongoing_requests": self.target_ongoing_requests}
 
     @field_validator("eviction_policy")
     @classmethod

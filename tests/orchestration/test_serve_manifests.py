@@ -92,6 +92,9 @@ def test_rayservice_manifest():
     g = gpu[0]
     assert int(g["rayStartParams"]["num-gpus"]) == g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    # replicas autoscale up to max_replicas; KubeRay then adds GPU workers for them
+    assert args.max_replicas and args.max_replicas > args.num_replicas and cluster["enableInTreeAutoscaling"] is True
+    assert g["maxReplicas"] * int(g["rayStartParams"]["num-gpus"]) >= args.max_replicas * args.num_gpus_per_replica
     # every container that may run a replica gets the API key from a secret
     for group in groups.values():
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}

@@ -94,3 +94,31 @@ def test_serve_args_from_a_mapping():
     assert serve_args_from(args) is args and serve_args_from({"checkpoint": "a"}) == args
     with pytest.raises(ConfigError, match=r"^serve args: num_replicas: Input should be greater"):
         serve_args_from({"checkpoint": "a", "num_replicas": 0})
+
+
+def test_replica_autoscaling_range_is_checked_and_becomes_serves_autoscaling_config():
+    assert ServeArgs(checkpoint="a").autoscaling_config() is None  # a fixed num_replicas by default
+    auto = ServeArgs(checkpoint="a", num_replicas=2, max_replicas=4, target_ongoing_requests=3).autoscaling_config()
+    assert auto == {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 3}
+    with pytest.raises(ConfigError, match=r"max_replicas \(1\) must be >= num_replicas \(2\)"):
+        serve_args_from({"checkpoint": "a", "num_replicas": 2, "max_replicas": 1})
+    with pytest.raises(ConfigError, match=r"target_ongoing_requests: Input should be greater than 0"):
+        serve_args_from({"checkpoint": "a", "target_ongoing_requests": 0})
+
+
+def test_app_builder_deploys_fixed_or_autoscaled_replicas(tmp_path):
+    # what Serve receives: num_replicas, or an autoscaling_config (never both)
+    from moe_lab import MoEModel
+    from moe_lab.checkpoint import write_checkpoint
+    from moe_lab.data import ByteTokenizer
+    from moe_lab.orchestration.serve import app_builder
+
+    tok = ByteTokenizer()
+    model = MoEModel(vocab_size=len(tok), hidden_size=32, num_layers=1, num_attention_heads=4, num_experts=4,
+                     experts_per_token=2, expert_hidden_size=32, max_position_embeddings=64)
+    write_checkpoint(tmp_path / "m", model.config, model.state_dict(), tokenizer=tok)
+    fixed = app_builder(ServeArgs(checkpoint=str(tmp_path / "m"), num_replicas=3))._bound_deployment
+    assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+    scaled = app_builder(ServeArgs(checkpoint=str(tmp_path / "m"), max_replicas=5))._bound_deployment
+    cfg = scaled._deployment_config.autoscaling_config
+    assert (cfg.min_replicas, cfg.initial_replicas, cfg.max_replicas, cfg.target_ongoing_requests) == (1, 1, 5, 8.0)
