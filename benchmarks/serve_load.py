@@ -75,6 +75,7 @@ def main() -> int:
     p.add_argument("--max-experts-in-memory", type=lambda v: v if v == "auto" else int(v), default="auto",
                    help="experts per MoE layer on the device, or auto (all when they fit)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, direct and in the replica")
+    p.add_argument("--max-batch-size", type=int, default=8, help="the replica's KV slots (ServeArgs.max_batch_size)")
     p.add_argument("--device", default="cpu", help="model device, direct and in the replica (cpu, cuda)")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny model, a few requests")
     args = p.parse_args()
@@ -110,6 +111,7 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app_builder(ServeArgs(checkpoint=ckpt, device=args.device, max_experts_in_memory=args.max_experts_in_memory,
                                         torch_threads=args.threads, num_cpus_per_replica=1,
+                                        max_batch_size=args.max_batch_size,
                                         max_ongoing_requests=max(64, args.concurrency),
                                         max_queued_requests=max(128, args.requests))), route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/completions"

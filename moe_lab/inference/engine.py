@@ -37,6 +37,13 @@ run through it. How it works:
   offload) the same step runs eagerly through the model's own layers, which is the
   reference: tests/inference/test_engine.py checks greedy tokens against step-by-step
   argmax of the full forward.
+- **Expert offload in pieces.** With part of the experts resident (an expert cache), the
+  decode step is cut at each MoE layer's expert GEMM (:meth:`InferenceEngine._offload_step`):
+  attention, routing and the next layer's prediction form one piece, the expert GEMM over
+  the resident slots another, and between them the host reads that layer's needed experts
+  (one read), copies its misses and issues the next layer's prefetches on a side stream. On
+  CUDA every piece is a CUDA graph captured per batch bucket; on CPU the same pieces run as
+  plain calls when ``offload_graphs=True`` (tested against step-by-step argmax).
 
 Not thread-safe except :meth:`~InferenceEngine.submit` and :meth:`~InferenceEngine.cancel`;
 one thread calls :meth:`~InferenceEngine.step` (or :meth:`~InferenceEngine.start` runs that
@@ -49,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -63,6 +71,7 @@ from ..errors import InputError
 from ..types import RouterType
 
 _M32 = 0xFFFFFFFF
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,12 +304,40 @@ def supports_graph_decode(model: nn.Module) -> bool:
     return all(_all_resident(moe.experts) for moe in model.moe_layers)
 
 
+def _layer_devices(model: nn.Module) -> List[torch.device]:
+    """The device of each decoder layer (a ``device_map`` may split the layers)."""
+    return [layer.input_norm.weight.device for layer in model.layers]
+
+
 def _graph_capable(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cuda" or not supports_graph_decode(model):
+        return False
+    if any(d != device for d in _layer_devices(model)):  # split across devices: eager steps
         return False
     from ..ops.grouped_mm import grouped_mm_supported  # capture needs the sync-free grouped GEMM
 
     return grouped_mm_supported(device, dtype, model.config.hidden_size, model.config.intermediate_size)
+
+
+def _offload_capable(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the offload step can be captured piecewise: top-k routing that never drops,
+    one device, and every MoE layer behind a partly resident expert cache (CUDA: with the
+    sync-free grouped GEMM)."""
+    cfg = model.config
+    if cfg.router_type != RouterType.TOP_K or cfg.eval_capacity_factor is not None:
+        return False
+    if getattr(model, "expert_parallel_group", None) is not None:
+        return False
+    if any(d != device for d in _layer_devices(model)):
+        return False
+    caches = [moe.experts for moe in model.moe_layers]
+    if not caches or not all(hasattr(c, "forward_resident") and c.cache_size < c.num_experts for c in caches):
+        return False
+    if device.type != "cuda":
+        return True
+    from ..ops.grouped_mm import grouped_mm_supported
+
+    return grouped_mm_supported(device, dtype, cfg.hidden_size, cfg.intermediate_size)
 
 
 class _SlotView:
@@ -325,7 +362,7 @@ class _SlotView:
             keys[:, :, self.positions : self.positions + s] = k
             values[:, :, self.positions : self.positions + s] = v
         else:  # one token per row, at its own position (a scatter: capturable)
-            idx = self.positions.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+            idx = self.positions.to(k.device).view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
             keys.scatter_(2, idx, k)
             values.scatter_(2, idx, v)
         return keys[:, :, : self.key_len], values[:, :, : self.key_len]
@@ -358,6 +395,12 @@ class InferenceEngine:
             which is how the tests exercise the trimming).
         compile_step: with CUDA graphs, compile the decode step with ``torch.compile``
             (fewer, fused kernels) before capturing it; costs a compilation per bucket.
+        offload_graphs: with part of the experts resident (an expert cache), decode in
+            pieces cut at each MoE layer's expert GEMM (see :meth:`_offload_step`): on CUDA the
+            pieces are CUDA graphs and only the host work between them (one read per MoE
+            layer, copies of misses and prefetches) runs eagerly. None = on CUDA when
+            possible; True also runs the pieces eagerly on CPU (the tests); False = the
+            model's own layers, eagerly.
     """
 
     def __init__(
@@ -371,6 +414,7 @@ class InferenceEngine:
         use_cuda_graph: Optional[bool] = None,
         stream_lag: Optional[int] = None,
         compile_step: bool = False,
+        offload_graphs: Optional[bool] = None,
     ) -> None:
         cfg = model.config
         ctx = cfg.max_position_embeddings
@@ -392,12 +436,20 @@ class InferenceEngine:
                              "and every expert resident on the device")
         self.use_cuda_graph = capable if use_cuda_graph is None else bool(use_cuda_graph)
         on_cuda = self.device.type == "cuda"
+        offload = not self.use_cuda_graph and _offload_capable(model, self.device, self.dtype)
+        if offload_graphs and not offload:
+            raise InputError("offload_graphs=True needs a top-k router without capacity, one device and every MoE "
+                             "layer behind a partly resident expert cache")
+        #: decode in pieces around the expert caches (CUDA graphs on CUDA; see _offload_step)
+        self.use_offload_graphs = offload and (on_cuda if offload_graphs is None else bool(offload_graphs))
+        self._offload_graphs: Dict[Tuple[int, bool], List[Any]] = {}
         self.stream_lag = (4 if on_cuda else 0) if stream_lag is None else max(0, int(stream_lag))
 
         n, dev = max_batch_size, self.device
         shape = (n, cfg.kv_heads, max_seq_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(cfg.num_layers)]
+        # each layer's keys/values live on that layer's device
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=d) for d in _layer_devices(model)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=d) for d in _layer_devices(model)]
         # per-slot device state, read by the (captured) decode step
         self.next_tok = torch.zeros(n, dtype=torch.long, device=dev)  # the step's input token
         # where that token goes; idle rows (free or still prefilling) write at the scratch
@@ -437,7 +489,8 @@ class InferenceEngine:
                 if layer.is_moe:
                     self._experts[layer.layer_idx] = resident_experts(layer.mlp.experts)
         self.counters = {"steps": 0, "decode_steps": 0, "decode_rows": 0, "prefill_tokens": 0,
-                         "generated_tokens": 0, "requests": 0, "finished": 0, "graph_replays": 0}
+                         "generated_tokens": 0, "requests": 0, "finished": 0, "graph_replays": 0,
+                         "offload_steps": 0}
 
     # ---- submission ----------------------------------------------------------------------
     def submit(
@@ -661,6 +714,14 @@ class InferenceEngine:
             n = next(b for b in self.buckets if b >= n)
             sampling = any(r.params.temperature > 0 for r in self._running)
             self._replay(n, sampling)
+        elif self.use_offload_graphs:
+            sampling = any(r.params.temperature > 0 for r in self._running)
+            if self.device.type == "cuda":
+                n = next(b for b in self.buckets if b >= n)
+                self._offload_step(n, self.max_seq_len, sampling)
+            else:
+                key_len = max(self._pos_host[r.slot] for r in self._running) + 1
+                self._offload_step(n, key_len, sampling)
         else:
             # CPU: attend over the positions in use; CUDA: over the whole slot, as the graph
             # does, so that eager and captured steps reduce attention in the same order
@@ -766,7 +827,7 @@ class InferenceEngine:
         cos, sin = m.rotary(pos_1S)
         for layer in m.layers:
             x, _ = layer(x, cos, sin, mask_11SK, None, view)
-        return m.lm_head(m.norm(x[:, -1]))  # [1, V]
+        return m.lm_head(m.norm(x[:, -1])).to(self.device)  # [1, V]
 
     def _decode_step(self, n: int, key_len: int, sampling: bool, graph: bool) -> None:
         """One token for rows ``0..n-1``: reads ``next_tok``/``pos``, writes the sampled
@@ -784,7 +845,12 @@ class InferenceEngine:
                 x = x + (self._graph_moe(layer, h) if layer.is_moe else layer.mlp(h))
             else:  # the model's own layer (expert cache, look-ahead hooks, any router)
                 x, _ = layer(x, cos, sin, mask_B11K, act_B[:, None], view)
-        logits_BV = m.lm_head(m.norm(x[:, 0]))
+        self._sample_and_advance(n, m.lm_head(m.norm(x[:, 0])), sampling)
+
+    def _sample_and_advance(self, n: int, logits_BV: torch.Tensor, sampling: bool) -> None:
+        """Sample rows ``0..n-1`` into ``next_tok`` (running rows only); advance ``pos``/``gen_idx``."""
+        logits_BV = logits_BV.to(self.device)  # no-op unless the head is on another device
+        tok_B, pos_B, act_B = self.next_tok[:n], self.pos[:n], self.active[:n]
         if sampling:
             new_B = sample_tokens(logits_BV, self.temperature[:n], self.top_p[:n], self.top_k[:n], self.seed[:n],
                                   self.gen_idx[:n], self.vocab_ids)
@@ -804,6 +870,174 @@ class InferenceEngine:
         if moe.shared_experts is not None:
             out_TD = out_TD + moe.shared_output(h_TD)
         return out_TD.view_as(h_BSD)
+
+    # ---- expert offload: the decode step in pieces around the expert caches ---------------
+    def _offload_pieces(self, n: int, key_len: int, sampling: bool) -> List[Callable[[Dict[str, Any]], None]]:
+        """The decode step of rows ``0..n-1`` cut at each MoE layer's expert GEMM.
+
+        Returns ``[P_0, X_0, P_1, X_1, ..., P_K]`` for K MoE layers. ``P_k`` finishes MoE layer
+        k-1 (combine, shared experts, residual), runs the layers up to MoE layer k's attention,
+        routing and dispatch, and the next MoE layer's prediction (its router on this residual
+        stream); ``X_k`` runs layer k's experts on their device slots
+        (:meth:`CachedExperts.forward_resident`). Each piece reads and writes tensors in the
+        dict it is given, and none synchronises with the host, so each can be captured.
+        """
+        m = self.model
+        layers = list(m.layers)
+        moe_at = [i for i, layer in enumerate(layers) if layer.is_moe]
+        view = _SlotView(self, 0, n, self.pos[:n], key_len)
+        num_e = m.config.num_experts
+
+        def attention(st: Dict[str, Any], layer: nn.Module) -> torch.Tensor:
+            x = st["x"]
+            return x + layer.attn(layer.input_norm(x), st["cos"], st["sin"], st["mask"], view)
+
+        def run_dense(st: Dict[str, Any], lo: int, hi: int) -> None:
+            for layer in layers[lo:hi]:
+                x = attention(st, layer)
+                st["x"] = x + layer.mlp(layer.post_attn_norm(x))
+
+        def finish_moe(st: Dict[str, Any], k: int) -> None:
+            moe = layers[moe_at[k]].mlp
+            y_TD = moe.dispatcher.combine(st[f"y{k}"], st[f"meta{k}"])
+            if moe.shared_experts is not None:
+                y_TD = y_TD + moe.shared_output(st[f"h{k}"])
+            st["x"] = st[f"res{k}"] + y_TD.view_as(st[f"res{k}"])
+
+        def start_moe(st: Dict[str, Any], k: int) -> None:
+            layer = layers[moe_at[k]]
+            moe = layer.mlp
+            x = attention(st, layer)
+            h_TD = layer.post_attn_norm.forward(x).reshape(-1, x.shape[-1])  # .forward: no look-ahead hooks
+            weights_TK, experts_TK = moe.router.route(h_TD)
+            x_ND, tpe_E, meta = moe.dispatcher.dispatch(h_TD, experts_TK, weights_TK, all_valid=True)
+            act_TK = self.active[:n, None].expand_as(experts_TK).reshape(-1).to(torch.float32)
+            needed_E = torch.zeros(num_e, dtype=torch.float32, device=x.device)
+            needed_E.scatter_add_(0, experts_TK.reshape(-1), act_TK)  # the running rows' experts only
+            nxt = getattr(moe.experts, "next_cache", None)
+            if nxt is not None:  # the next MoE layer's router on this residual stream
+                from .expert_cache import DynamicExpertLoader
+
+                votes_E = DynamicExpertLoader._votes(layers[moe_at[k + 1]], x, self.active[:n, None])
+                needed_E = torch.cat([needed_E, votes_E])
+            st.update({f"res{k}": x, f"h{k}": h_TD, f"xN{k}": x_ND, f"tpe{k}": tpe_E, f"meta{k}": meta,
+                       f"read{k}": needed_E})
+
+        def first(st: Dict[str, Any]) -> None:
+            tok_B, pos_B = self.next_tok[:n], self.pos[:n]
+            st["mask"] = (self.key_positions[None, :key_len] <= pos_B[:, None])[:, None, None, :]
+            st["cos"], st["sin"] = m.rotary(pos_B[:, None])
+            st["x"] = m.embed_tokens(tok_B)[:, None]  # [B, 1, D]
+            run_dense(st, 0, moe_at[0])
+            start_moe(st, 0)
+
+        def experts(k: int) -> Callable[[Dict[str, Any]], None]:
+            def piece(st: Dict[str, Any]) -> None:
+                st[f"y{k}"] = layers[moe_at[k]].mlp.experts.forward_resident(st[f"xN{k}"], st[f"tpe{k}"])
+            return piece
+
+        def middle(k: int) -> Callable[[Dict[str, Any]], None]:
+            def piece(st: Dict[str, Any]) -> None:
+                finish_moe(st, k - 1)
+                run_dense(st, moe_at[k - 1] + 1, moe_at[k])
+                start_moe(st, k)
+            return piece
+
+        def last(st: Dict[str, Any]) -> None:
+            finish_moe(st, len(moe_at) - 1)
+            run_dense(st, moe_at[-1] + 1, len(layers))
+            self._sample_and_advance(n, m.lm_head(m.norm(st["x"][:, 0])), sampling)
+
+        pieces: List[Callable[[Dict[str, Any]], None]] = [first, experts(0)]
+        for k in range(1, len(moe_at)):
+            pieces += [middle(k), experts(k)]
+        return pieces + [last]
+
+    def _offload_step(self, n: int, key_len: int, sampling: bool) -> None:
+        """One decode step through the expert caches, in pieces (:meth:`_offload_pieces`).
+
+        Between ``P_k`` and ``X_k`` the host reads MoE layer k's needed experts with the next
+        layer's prediction (one read), loads its misses and issues the next layer's
+        prefetches (:meth:`CachedExperts.prepare`); the pieces themselves are CUDA graphs on
+        CUDA (captured per batch bucket on first use) and plain calls on CPU. A layer that
+        needs more experts than it has slots runs its rounds eagerly instead of ``X_k``.
+        """
+        key = (n, sampling)
+        graphs = None
+        if self.device.type == "cuda":
+            if key not in self._offload_graphs:
+                try:
+                    self._capture_offload(n, sampling)
+                except RuntimeError as err:  # e.g. a kernel that cannot be captured: decode eagerly from now on
+                    logger.warning("offload step capture failed (%s); decoding eagerly", str(err).splitlines()[0])
+                    self.use_offload_graphs = False
+                    self._decode_step(n, key_len, sampling=True, graph=False)
+                    return
+            graphs, st = self._offload_graphs[key]
+            pieces = None
+        else:
+            st, pieces = {}, self._offload_pieces(n, key_len, sampling)
+        caches = [moe.experts for moe in self.model.moe_layers]
+        num_e = caches[0].num_experts
+
+        def run(i: int) -> None:
+            if graphs is not None:
+                graphs[i].replay()
+                self.counters["graph_replays"] += 1
+            else:
+                pieces[i](st)
+
+        for k, cache in enumerate(caches):
+            run(2 * k)
+            read = st[f"read{k}"].tolist()  # the host read of this layer: needed experts (+ prediction)
+            counts, votes = [int(c) for c in read[:num_e]], (read[num_e:] or None)
+            nxt = cache.next_cache if votes is not None else None
+            if cache.prepare(counts, votes, nxt):
+                run(2 * k + 1)
+            else:  # more experts than slots: rounds, eagerly (every routed row, idle ones included)
+                y = cache.forward_rounds(st[f"xN{k}"], st[f"tpe{k}"].tolist())
+                if graphs is not None:
+                    st[f"y{k}"].copy_(y)
+                else:
+                    st[f"y{k}"] = y
+                if nxt is not None:
+                    nxt.prefetch_votes(votes)
+        run(2 * len(caches))
+        self.counters["offload_steps"] += 1
+
+    def _capture_offload(self, n: int, sampling: bool) -> None:
+        """Warm up once eagerly on a side stream, then capture every piece (state restored)."""
+        state = (self.next_tok, self.pos, self.gen_idx)
+        saved = [t.clone() for t in state]
+        pieces = self._offload_pieces(n, self.max_seq_len, sampling)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            warm: Dict[str, Any] = {}
+            for i, piece in enumerate(pieces):
+                if i % 2 and i < len(pieces) - 1:  # the host part, so the experts piece has its slots
+                    k = i // 2
+                    cache = self.model.moe_layers[k].experts
+                    counts = [int(c) for c in warm[f"tpe{k}"].tolist()]
+                    if not cache.prepare(counts):
+                        warm[f"y{k}"] = cache.forward_rounds(warm[f"xN{k}"], counts)
+                        continue
+                piece(warm)
+            for t, s in zip(state, saved):
+                t.copy_(s)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        st: Dict[str, Any] = {}
+        graphs = []
+        for piece in pieces:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._graph_pool):
+                piece(st)
+            graphs.append(g)
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        self._offload_graphs[(n, sampling)] = [graphs, st]
 
     # ---- CUDA graphs ---------------------------------------------------------------------
     def _replay(self, n: int, sampling: bool) -> None:
@@ -845,7 +1079,8 @@ class InferenceEngine:
         c = dict(self.counters)
         c["mean_batch"] = c["decode_rows"] / c["decode_steps"] if c["decode_steps"] else 0.0
         c.update(waiting=len(self._waiting), running=len(self._running), prefilling=len(self._prefilling),
-                 cuda_graph=self.use_cuda_graph, max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len)
+                 cuda_graph=self.use_cuda_graph, offload_graphs=self.use_offload_graphs,
+                 max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len)
         return c
 
     def __repr__(self) -> str:

@@ -29,12 +29,27 @@ Prefetch (``prefetch_strategy``):
   1. warm start: each layer's slots are filled with its most used experts;
   2. hot experts are kept: the ``cache_size // 2`` most used experts of a layer are evicted
      only when no other resident expert can go;
-  3. look-ahead: when a decoder layer starts, its router is applied to the residual stream
-     entering the layer (before attention) to predict the experts its MoE block will pick,
-     and the most likely ones are loaded before they are needed. This is the "likely
-     experts of the next layer" computed as soon as the previous layer is done; on a GPU
-     the copy can overlap with attention.
+  3. look-ahead, one layer ahead (``lookahead=True``): when MoE layer ``a`` has done its
+     attention, the *next* MoE layer's norm and router are applied to that residual stream
+     (it changes slowly from layer to layer) to predict the experts the next layer will
+     pick; they are copied in while ``a``'s experts and the next layer's attention run. The
+     first MoE layer predicts from its own router on the stream entering it.
 - ``"none"``: no warm start, no look-ahead, plain demand loading.
+
+Overlap and synchronisation:
+
+- On CUDA the host copies are page-locked, and every host-to-device copy (prefetch or
+  demand) runs on a side stream after the work already queued (earlier readers of the
+  slot), with an event per slot; a layer's forward makes the compute stream wait for the
+  events of its own slots only.
+- A partly resident layer does one host read per forward: its tokens per expert together
+  with the next layer's predicted votes. Then it loads its misses (if any), issues the next
+  layer's prefetches and runs :meth:`CachedExperts.forward_resident`, the hit path, which
+  reads only device tensors (an expert-to-slot map on the device): no host sync, so it can
+  be captured in a CUDA graph by a caller that knows the needed experts are resident.
+- On CPU the same logic runs synchronously (no streams).
+- Counters (:meth:`DynamicExpertLoader.stats`): experts_needed = hits + misses;
+  prefetches = prefetch_hits + wasted_prefetches + pending_prefetches.
 
 Stores (where the off-device weights live):
 
@@ -290,14 +305,30 @@ class CachedExperts(nn.Module):
         self._hot: frozenset = frozenset()  # experts evicted last (usage_based)
         self._hot_dirty = False
         self.num_hot = 0
-        self._prefetched_unused: set = set()
+        self._prefetched_unused: set = set()  # prefetched since this layer's last forward, not yet judged
         self.load_listeners: List[Callable[["CachedExperts", int, int], None]] = []
+        self.device = torch.device(device)
+        #: expert -> slot on the device (-1: not resident); the hit path reads only this
+        self.slot_of_expert = torch.full((self.num_experts,), -1, dtype=torch.long, device=device)
+        #: the side stream host-to-device copies run on (CUDA); None: copies are synchronous
+        self.copy_stream: Optional["torch.cuda.Stream"] = None
+        self._pending: Dict[int, Any] = {}  # slot -> CUDA event of its copy in flight
+        #: look-ahead stashed for this forward: (next layer's cache, its predicted votes [E])
+        self.lookahead: Optional[Tuple["CachedExperts", torch.Tensor]] = None
+        #: the next MoE layer's cache when this layer predicts it (look-ahead on)
+        self.next_cache: Optional["CachedExperts"] = None
         self.reset_stats()
 
     # ---- bookkeeping ------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.hits = self.misses = self.evictions = self.prefetches = 0
-        self.useful_prefetches = self.bytes_loaded = self.rounds = self.forwards = 0
+        self.prefetch_hits = self.wasted_prefetches = 0
+        self.bytes_loaded = self.rounds = self.forwards = 0
+
+    @property
+    def useful_prefetches(self) -> int:
+        """Prefetched experts the next forward of the layer used (= ``prefetch_hits``)."""
+        return self.prefetch_hits
 
     def resident(self) -> List[int]:
         """Experts currently in a device slot (at most ``cache_size``)."""
@@ -343,15 +374,17 @@ class CachedExperts(nn.Module):
         old = self.slot_expert[slot]
         if old >= 0:
             del self.expert_slot[old]
-            self._prefetched_unused.discard(old)
+            self.slot_of_expert[old] = -1
+            if old in self._prefetched_unused:  # evicted before its layer ran: the copy was wasted
+                self._prefetched_unused.discard(old)
+                self.wasted_prefetches += 1
             self.evictions += 1
         self.slot_expert[slot] = -1
         w_in, w_out = self.store.fetch(self.layer_idx, expert)
-        non_blocking = w_in.is_pinned()
-        self.slots.w_in[slot].copy_(w_in, non_blocking=non_blocking)
-        self.slots.w_out[slot].copy_(w_out, non_blocking=non_blocking)
+        self._copy_into(slot, w_in, w_out)
         self.slot_expert[slot] = expert
         self.expert_slot[expert] = slot
+        self.slot_of_expert[expert] = slot
         self.bytes_loaded += w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
         if prefetch:
             self.prefetches += 1
@@ -359,6 +392,37 @@ class CachedExperts(nn.Module):
         for fn in self.load_listeners:
             fn(self, expert, slot)
         return slot
+
+    def _copy_into(self, slot: int, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+        """Copy one expert's host weights into device ``slot``.
+
+        On CUDA the copy runs on :attr:`copy_stream` (from pinned memory: asynchronous), after
+        the work already queued on the compute stream (earlier readers of the slot), and an
+        event marks its end: the forward that uses the slot waits for that event only
+        (:meth:`_wait_slots`). Elsewhere it is an ordinary synchronous copy.
+        """
+        stream = self.copy_stream
+        if stream is None:
+            self.slots.w_in[slot].copy_(w_in)
+            self.slots.w_out[slot].copy_(w_out)
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.slots.w_in[slot].copy_(w_in, non_blocking=w_in.is_pinned())
+            self.slots.w_out[slot].copy_(w_out, non_blocking=w_out.is_pinned())
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._pending[slot] = done
+
+    def _wait_slots(self, slots: Iterable[int]) -> None:
+        """Make the compute stream wait for the copies in flight into ``slots`` (only those)."""
+        if not self._pending:
+            return
+        current = torch.cuda.current_stream(self.device)
+        for s in slots:
+            ev = self._pending.pop(s, None)
+            if ev is not None:
+                current.wait_event(ev)
 
     @torch.no_grad()
     def arrange_identity(self) -> bool:
@@ -370,6 +434,7 @@ class CachedExperts(nn.Module):
         """
         if self.cache_size != self.num_experts:
             return False
+        self._wait_slots(list(self._pending))
         for e in range(self.num_experts):
             if self.slot_expert[e] == e:
                 continue
@@ -379,12 +444,14 @@ class CachedExperts(nn.Module):
             old = self.slot_expert[e]
             if old >= 0:
                 del self.expert_slot[old]
+                self.slot_of_expert[old] = -1
             w_in, w_out = self.store.fetch(self.layer_idx, e)
-            self.slots.w_in[e].copy_(w_in, non_blocking=w_in.is_pinned())
-            self.slots.w_out[e].copy_(w_out, non_blocking=w_out.is_pinned())
+            self.slots.w_in[e].copy_(w_in)
+            self.slots.w_out[e].copy_(w_out)
             self.bytes_loaded += w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
             self.slot_expert[e] = e
             self.expert_slot[e] = e
+            self.slot_of_expert[e] = e
         return True
 
     def prefetch(self, experts: Sequence[int]) -> int:
@@ -397,44 +464,124 @@ class CachedExperts(nn.Module):
                 done += 1
         return done
 
+    def prefetch_votes(self, votes_E: Sequence[float]) -> int:
+        """Prefetch the experts a prediction voted for (most votes first, ties by expert id)."""
+        order = sorted((e for e, v in enumerate(votes_E) if v > 0), key=lambda e: (-votes_E[e], e))
+        return self.prefetch(order)
+
     # ---- forward ----------------------------------------------------------------------
+    def _read_counts(self, tokens_per_expert: torch.Tensor) -> Tuple[List[int], Optional[List[float]]]:
+        """The layer's one host read: its tokens per expert, and the look-ahead votes for
+        the next MoE layer when one is stashed (read together: a single synchronisation)."""
+        look, self.lookahead = self.lookahead, None
+        if look is None:
+            return tokens_per_expert.tolist(), None
+        nxt, votes_E = look
+        if votes_E.device == tokens_per_expert.device:
+            both = torch.cat([tokens_per_expert.to(votes_E.dtype), votes_E]).tolist()
+            return [int(c) for c in both[: self.num_experts]], both[self.num_experts :]
+        return tokens_per_expert.tolist(), votes_E.tolist()
+
     @torch.no_grad()
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        counts = tokens_per_expert.tolist()  # [E]
+        nxt = self.lookahead[0] if self.lookahead is not None else None
+        counts, votes = self._read_counts(tokens_per_expert)  # [E], [E_next]
         if len(counts) != self.num_experts:
             raise ExpertError(f"tokens_per_expert has {len(counts)} entries, expected {self.num_experts}")
+        if self.prepare(counts, votes, nxt):
+            if not any(counts):
+                return x_ND.new_zeros(x_ND.shape[0], self.hidden_size)
+            return self.forward_resident(x_ND, tokens_per_expert, backend)
+        out_ND = self.forward_rounds(x_ND, counts, backend)
+        if nxt is not None and votes is not None:
+            nxt.prefetch_votes(votes)
+        return out_ND
+
+    @torch.no_grad()
+    def prepare(self, counts: Sequence[int], votes: Optional[Sequence[float]] = None,
+                nxt: Optional["CachedExperts"] = None) -> bool:
+        """The host part of a forward, from the layer's routing counts ``[E]`` (host ints).
+
+        Judges the prefetches made since the layer last ran, counts hits and misses, and,
+        when the needed experts fit in the slots, loads the misses, issues the next layer's
+        prefetch from ``votes`` and makes the compute stream wait for this layer's copies.
+        Returns True when :meth:`forward_resident` can run now; False when more experts are
+        needed than there are slots (the caller runs :meth:`forward_rounds`, then the
+        prefetch).
+        """
         self.forwards += 1
-        out_ND = x_ND.new_zeros(x_ND.shape[0], self.hidden_size)
         needed = [e for e, c in enumerate(counts) if c > 0]
-        if not needed:
-            return out_ND
-        self._tick += 1
-        starts = [0] * self.num_experts
-        acc = 0
-        for e, c in enumerate(counts):
-            starts[e] = acc
-            acc += c
+        for e in self._prefetched_unused:  # judge the prefetches made since this layer last ran
+            if counts[e] > 0:
+                self.prefetch_hits += 1
+            else:
+                self.wasted_prefetches += 1
+        self._prefetched_unused.clear()
+        if needed:
+            self._tick += 1
         for e in needed:
             if e in self.expert_slot:
                 self.hits += 1
-                if e in self._prefetched_unused:
-                    self.useful_prefetches += 1
-                    self._prefetched_unused.discard(e)
             else:
                 self.misses += 1
             self.frequency[e] += 1
             self.last_used[e] = self._tick
         self.add_usage(counts)
-        # resident experts first: they all fit in the first round, so they are never evicted
-        # before use; the remaining (missing) experts follow in rounds of at most C.
-        needed.sort(key=lambda e: (e not in self.expert_slot, e))
+        if len(needed) > self.cache_size:
+            return False
+        for e in needed:
+            if e not in self.expert_slot:
+                self._load(e, keep=needed)
+        if nxt is not None and votes is not None:  # the next layer's copies overlap this layer's GEMMs
+            nxt.prefetch_votes(votes)
+        self._wait_slots(self.expert_slot[e] for e in needed)
+        self.rounds += 1 if needed else 0
+        return True
+
+    def forward_rounds(self, x_ND: torch.Tensor, counts: Sequence[int], backend: Optional[str] = None) -> torch.Tensor:
+        """A forward that needs more experts than slots (a long prefill): rounds of at most
+        C experts, resident ones first (so they are never evicted before use)."""
+        out_ND = x_ND.new_zeros(x_ND.shape[0], self.hidden_size)
+        starts = [0] * self.num_experts
+        acc = 0
+        for e, c in enumerate(counts):
+            starts[e] = acc
+            acc += c
+        needed = sorted((e for e, c in enumerate(counts) if c > 0), key=lambda e: (e not in self.expert_slot, e))
         for r in range(0, len(needed), self.cache_size):
             group = needed[r : r + self.cache_size]
             for e in group:
                 if e not in self.expert_slot:
                     self._load(e, keep=group)
-            self._run_round(x_ND, out_ND, group, counts, starts, tokens_per_expert, backend)
+            self._wait_slots(self.expert_slot[e] for e in group)
+            self._run_round(x_ND, out_ND, group, list(counts), starts, backend)
         return out_ND
+
+    def forward_resident(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor,
+                         backend: Optional[str] = None) -> torch.Tensor:
+        """The hit path: ``GroupedExperts.forward`` over the device slots.
+
+        Reads only device tensors (``slot_of_expert``, ``tokens_per_expert``): no host
+        synchronisation, so it can be captured in a CUDA graph. Rows go to their expert's slot
+        in a stable order, so each slot's GEMM sees exactly the rows (in the same order) that
+        the fully resident layer gives that expert: the outputs are equal. Rows of an expert
+        that is not resident come out as zeros (:meth:`forward` loads misses first, so it
+        has none; the engine's graph step relies on it for idle rows).
+        """
+        n, dev = x_ND.shape[0], x_ND.device
+        tpe_E = tokens_per_expert.to(dev)
+        if self.cache_size == self.num_experts and all(s == e for e, s in enumerate(self.slot_expert)):
+            return self.slots(x_ND, tpe_E, backend=backend)  # slot e holds expert e: rows already in slot order
+        expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=dev), tpe_E, output_size=n)
+        slot_N = self.slot_of_expert[expert_N]
+        valid_N = slot_N >= 0
+        slot_N = torch.where(valid_N, slot_N, torch.zeros_like(slot_N))  # not resident: any slot, zeroed below
+        tps_C = torch.zeros(self.cache_size, dtype=tpe_E.dtype, device=dev)
+        tps_C.scatter_add_(0, slot_N, torch.ones_like(slot_N, dtype=tpe_E.dtype))
+        order_N = torch.sort(slot_N, stable=True).indices  # rows grouped by slot
+        y_ND = self.slots(x_ND[order_N], tps_C, backend=backend)
+        out_ND = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND)
+        return torch.where(valid_N[:, None], out_ND, torch.zeros_like(out_ND))
 
     def _run_round(
         self,
@@ -443,26 +590,16 @@ class CachedExperts(nn.Module):
         group: List[int],
         counts: List[int],
         starts: List[int],
-        tokens_per_expert: torch.Tensor,
         backend: Optional[str],
     ) -> None:
-        """Run the experts of ``group`` (all resident) on their rows, writing into ``out_ND``."""
+        """One round of a forward that needs more experts than slots: run the experts of
+        ``group`` (all resident) on their rows, writing into ``out_ND``."""
         self.rounds += 1
         by_slot = sorted(group, key=lambda e: self.expert_slot[e])
-        all_routed = len(group) == sum(1 for c in counts if c)
-        if all_routed and self.cache_size == self.num_experts and all(self.expert_slot[e] == e for e in group):
-            # slot e holds expert e: the layer's own tokens_per_expert is the slot count
-            out_ND.copy_(self.slots(x_ND, tokens_per_expert, backend=backend))
-            return
         tokens_per_slot = [0] * self.cache_size
         for e in by_slot:
             tokens_per_slot[self.expert_slot[e]] = counts[e]
         tps = torch.tensor(tokens_per_slot, device=x_ND.device)  # [C]
-        if all_routed and by_slot == sorted(group):
-            # slot order == expert order and every routed expert is here: the rows are
-            # already grouped by slot, no gather/scatter needed
-            out_ND.copy_(self.slots(x_ND, tps, backend=backend))
-            return
         rows = torch.cat([torch.arange(starts[e], starts[e] + counts[e], device=x_ND.device) for e in by_slot])  # [n]
         y = self.slots(x_ND[rows], tps, backend=backend)  # [n, D], rows in slot order
         out_ND[rows] = y.to(out_ND.dtype)
@@ -488,7 +625,10 @@ class CachedExperts(nn.Module):
             "hit_rate": self.hits / accesses if accesses else 0.0,
             "evictions": self.evictions,
             "prefetches": self.prefetches,
-            "useful_prefetches": self.useful_prefetches,
+            "prefetch_hits": self.prefetch_hits,
+            "useful_prefetches": self.prefetch_hits,
+            "wasted_prefetches": self.wasted_prefetches,
+            "pending_prefetches": len(self._prefetched_unused),
             "bytes_loaded": self.bytes_loaded,
             "rounds": self.rounds,
             "forwards": self.forwards,
@@ -550,7 +690,10 @@ class DynamicExpertLoader:
             whose counts seed ``usage_based``; None starts from online counts only.
         store: where the full expert weights live; default: the model's own expert tensors
             moved to CPU (pinned when the model is on CUDA).
-        device, dtype: of the device slots; default: those of the model's dense weights.
+        device, dtype: of the device slots; default: each layer's slots where its router is
+            (a model split over devices keeps them per layer) and the dense weights' dtype.
+        lookahead: with ``usage_based``, prefetch one layer ahead from the next layer's
+            router (False: warm start and hot experts only; for comparisons).
 
     Raises:
         ConfigError: bad cache_size, policy or strategy (the message lists the options).
@@ -566,6 +709,7 @@ class DynamicExpertLoader:
         store: Optional[ExpertStore] = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
+        lookahead: bool = True,
     ) -> None:
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
             raise ConfigError(f"cache_size must be an int >= 1, got {cache_size!r}")
@@ -587,24 +731,34 @@ class DynamicExpertLoader:
         self.eviction_policy = eviction_policy
         self.prefetch_strategy = prefetch_strategy
         self.device = torch.device(device) if device is not None else _model_device(model)
+        self.lookahead = bool(lookahead) and prefetch_strategy == "usage_based"
         dtype = dtype or _model_dtype(model)
         layer_ids = list(model.moe_layer_indices)
         if store is None:
             store = TensorExpertStore(
                 {i: (m.experts.w_in, m.experts.w_out) for i, m in zip(layer_ids, moe_layers)},
-                pin_memory=self.device.type == "cuda",
+                pin_memory=self.device.type == "cuda" or any(
+                    m.router.gate.weight.device.type == "cuda" for m in moe_layers),
             )
         missing = sorted(set(layer_ids) - set(store.layer_indices()))
         if missing:
             raise ConfigError(f"the expert store has no weights for MoE layers {missing}")
         self.store = store
         self.caches: List[CachedExperts] = []
+        streams: Dict[str, Any] = {}  # one side stream per device for the copies
         for idx, layer in zip(layer_ids, moe_layers):
             if layer.experts.num_experts != store.num_experts:
                 raise ConfigError(
                     f"layer {idx} has {layer.experts.num_experts} experts, the store holds {store.num_experts}"
                 )
-            cache = CachedExperts(idx, layer.experts, store, cache_size, eviction_policy, self.device, dtype)
+            # each layer's slots sit where its router is (a model split over devices by a
+            # device_map) unless one device is given
+            where = torch.device(device) if device is not None else layer.router.gate.weight.device
+            cache = CachedExperts(idx, layer.experts, store, cache_size, eviction_policy, where, dtype)
+            if where.type == "cuda" and cache.cache_size < cache.num_experts:
+                if str(where) not in streams:
+                    streams[str(where)] = torch.cuda.Stream(device=where)
+                cache.copy_stream = streams[str(where)]
             layer.experts = cache  # in place: the old module (and its weights on the device) goes
             self.caches.append(cache)
         self._hooks: List[Any] = []
@@ -616,44 +770,99 @@ class DynamicExpertLoader:
                     cache.add_usage(prior[cache.layer_idx])
                     order = sorted(range(cache.num_experts), key=lambda e: (-cache.usage[e], e))
                     cache.prefetch(order[: cache.cache_size])  # warm start: the hottest experts
-            by_layer = {c.layer_idx: c for c in self.caches}
-            for layer in model.layers:  # look-ahead is pointless when every expert fits
-                if layer.layer_idx in by_layer and by_layer[layer.layer_idx].cache_size < by_layer[layer.layer_idx].num_experts:
-                    self._hooks.append(layer.register_forward_pre_hook(self._lookahead_hook(by_layer[layer.layer_idx])))
+        if self.lookahead:
+            self._install_lookahead()
 
     # ---- look-ahead prefetch ----------------------------------------------------------
-    def _lookahead_hook(self, cache: CachedExperts) -> Callable[..., None]:
-        def hook(decoder_layer: nn.Module, args: Tuple[Any, ...]) -> None:
-            x_BSD = args[0]
-            token_mask = args[4] if len(args) > 4 else None
-            with torch.no_grad():
-                h_TD = decoder_layer.post_attn_norm(x_BSD).reshape(-1, x_BSD.shape[-1])  # [T, D]
-                router = decoder_layer.mlp.router
-                logits_TE = router.compute_logits(h_TD, training=False)
-                top_TK = logits_TE.topk(min(router.top_k, cache.num_experts), dim=-1).indices
-                if token_mask is not None:
-                    top_TK = top_TK[token_mask.reshape(-1).bool()]
-                votes = torch.bincount(top_TK.reshape(-1), minlength=cache.num_experts)  # [E]
-            order = [e for e in votes.argsort(descending=True, stable=True).tolist() if votes[e] > 0]
-            cache.prefetch(order[: cache.cache_size])
+    def _install_lookahead(self) -> None:
+        """Hooks that predict each MoE layer's experts one layer ahead.
 
-        return hook
+        - The first MoE layer: when its decoder layer starts, its own router on the residual
+          stream entering it (the copies overlap its attention).
+        - Every later MoE layer ``b``: when the previous MoE layer ``a`` has done its
+          attention, ``b``'s norm and router on that residual stream (it changes slowly from
+          layer to layer). The votes stay on the device and are read with ``a``'s own routing
+          counts (one host read per MoE layer); the copies are issued before ``a``'s expert
+          GEMMs, so they overlap ``a``'s experts and ``b``'s attention.
+
+        Nothing is installed when every expert is resident.
+        """
+        by_layer = {c.layer_idx: c for c in self.caches}
+        chain = [layer for layer in self.model.layers
+                 if layer.layer_idx in by_layer and by_layer[layer.layer_idx].cache_size < by_layer[layer.layer_idx].num_experts]
+        if not chain:
+            return
+        masks: Dict[str, Any] = {}
+
+        def remember_mask(decoder_layer: nn.Module, args: Tuple[Any, ...]) -> None:
+            masks["token_mask"] = args[4] if len(args) > 4 else None
+            by_layer[decoder_layer.layer_idx].lookahead = None
+
+        first = chain[0]
+        first_cache = by_layer[first.layer_idx]
+
+        def own_prediction(decoder_layer: nn.Module, args: Tuple[Any, ...]) -> None:
+            remember_mask(decoder_layer, args)
+            first_cache.prefetch_votes(self._votes(decoder_layer, args[0], masks["token_mask"]).tolist())
+
+        self._hooks.append(first.register_forward_pre_hook(own_prediction))
+        for layer in chain[1:]:
+            self._hooks.append(layer.register_forward_pre_hook(remember_mask))
+        for a, b in zip(chain, chain[1:]):
+            by_layer[a.layer_idx].next_cache = by_layer[b.layer_idx]
+
+            def next_prediction(norm: nn.Module, args: Tuple[Any, ...], a: nn.Module = a, b: nn.Module = b) -> None:
+                votes_E = self._votes(b, args[0], masks.get("token_mask"))
+                by_layer[a.layer_idx].lookahead = (by_layer[b.layer_idx], votes_E)
+
+            self._hooks.append(a.post_attn_norm.register_forward_pre_hook(next_prediction))
+
+    @staticmethod
+    @torch.no_grad()
+    def _votes(decoder_layer: nn.Module, x_BSD: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Tokens per expert ``[E]`` (float, on the layer's device) that ``decoder_layer``'s
+        router would pick for the residual stream ``x_BSD``; masked tokens do not vote."""
+        router = decoder_layer.mlp.router
+        dev = router.gate.weight.device
+        x_BSD = x_BSD.to(dev)
+        # .forward, not the call: the norm's own look-ahead hook must not fire for a prediction
+        h_TD = decoder_layer.post_attn_norm.forward(x_BSD).reshape(-1, x_BSD.shape[-1])  # [T, D]
+        logits_TE = router.compute_logits(h_TD, training=False)
+        select = getattr(router, "select", None)
+        if select is not None and hasattr(router, "normalize_weights"):  # token choice: the router's own rule
+            top_TK = select(logits_TE)[1]
+        else:
+            top_TK = logits_TE.topk(min(router.top_k, router.num_experts), dim=-1).indices
+        ones_TK = torch.ones(top_TK.shape, dtype=torch.float32, device=dev)
+        if token_mask is not None:
+            ones_TK = ones_TK * token_mask.reshape(-1, 1).to(device=dev, dtype=torch.float32)
+        votes_E = torch.zeros(router.num_experts, dtype=torch.float32, device=dev)
+        return votes_E.scatter_add_(0, top_TK.reshape(-1), ones_TK.reshape(-1))
 
     # ---- reporting --------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
         """Totals over the MoE layers, plus ``per_layer`` and the store's stats.
 
-        Keys: hits, misses, hit_rate (hits / demand accesses; an access is one expert needed
-        by one layer in one forward), evictions, prefetches (look-ahead and warm-start
-        loads), useful_prefetches (prefetched experts used before eviction), bytes_loaded
-        (host-to-device bytes, demand + prefetch), resident ({layer_idx: [experts]}),
-        rounds, cache_size, num_experts, eviction_policy, prefetch_strategy, per_layer, store.
+        Keys: experts_needed (demand accesses: one expert needed by one layer in one forward)
+        = hits (resident, or its prefetch issued in time) + misses (loaded on demand, the
+        forward waits for it); hit_rate = hits / experts_needed; evictions; prefetches
+        (copies issued ahead of use: look-ahead and warm start) = prefetch_hits (the layer's
+        next forward used the expert) + wasted_prefetches (it did not, or the expert was
+        evicted first) + pending_prefetches (the layer has not run since);
+        useful_prefetches (= prefetch_hits); bytes_loaded (host-to-device bytes, demand +
+        prefetch); resident ({layer_idx: [experts]}); rounds; cache_size; num_experts;
+        eviction_policy; prefetch_strategy; lookahead; per_layer; store.
         """
-        keys = ("hits", "misses", "evictions", "prefetches", "useful_prefetches", "bytes_loaded", "rounds")
+        keys = ("hits", "misses", "evictions", "prefetches", "prefetch_hits", "wasted_prefetches",
+                "bytes_loaded", "rounds")
         totals = {k: sum(getattr(c, k) for c in self.caches) for k in keys}
         accesses = totals["hits"] + totals["misses"]
         return {
             **totals,
+            "experts_needed": accesses,
+            "useful_prefetches": totals["prefetch_hits"],
+            "pending_prefetches": sum(len(c._prefetched_unused) for c in self.caches),
+            "lookahead": self.lookahead,
             "hit_rate": totals["hits"] / accesses if accesses else 0.0,
             "resident": {c.layer_idx: c.resident() for c in self.caches},
             "cache_size": self.caches[0].cache_size,

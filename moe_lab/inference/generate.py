@@ -49,7 +49,12 @@ class KVCache:
     def for_model(cls, model: nn.Module, batch_size: int, max_length: int, dtype: Optional[torch.dtype] = None) -> "KVCache":
         cfg = model.config
         p = next(model.parameters())
-        return cls(cfg.num_layers, batch_size, cfg.kv_heads, cfg.head_dim, max_length, p.device, dtype or p.dtype)
+        cache = cls(cfg.num_layers, batch_size, cfg.kv_heads, cfg.head_dim, max_length, p.device, dtype or p.dtype)
+        for i, layer in enumerate(model.layers):  # a device_map may split the layers over devices
+            d = layer.input_norm.weight.device
+            if d != p.device:
+                cache.keys[i], cache.values[i] = cache.keys[i].to(d), cache.values[i].to(d)
+        return cache
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         s = k.shape[2]

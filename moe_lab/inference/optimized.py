@@ -24,7 +24,17 @@ The two memory knobs (both per MoE layer, both counted in experts):
   and are read from it on demand. ``0`` disables the host tier.
 
 The two tiers are independent: an expert can be in both (typical on a GPU), in one, or in
-neither. ``device_map="auto"`` picks CUDA when available, else CPU.
+neither.
+
+``device_map`` (see :mod:`moe_lab.inference.placement`): ``"auto"`` puts the whole model on
+one GPU when it fits, else splits the decoder layers in order across the visible GPUs, and
+beyond that keeps fewer experts per layer on the GPUs (the rest behind the expert cache);
+the CPU without CUDA. ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and an explicit
+``{module prefix: device}`` dict also work.
+
+With part of the experts resident, host-to-device expert copies run on a side CUDA stream
+from pinned memory, issued one layer ahead from the next layer's router applied to the
+current hidden state (see :class:`~moe_lab.inference.DynamicExpertLoader`).
 
 ``generate`` semantics: ``max_length`` is the total length of each output row including the
 prompt (as in transformers): ``max_length - S`` new tokens, where S is the (padded) prompt
@@ -33,8 +43,8 @@ Batches of prompts of different lengths are left-padded with an attention mask.
 
 Every call decodes on :attr:`OptimizedMoEModel.engine`, one
 :class:`~moe_lab.inference.engine.InferenceEngine` (continuous batching over a KV slot
-pool; CUDA graphs when every expert is resident on a CUDA device, eager steps through the
-expert cache otherwise). ``max_experts_in_memory="auto"`` keeps every expert on the device
+pool; CUDA graphs when every expert is resident on a CUDA device; with part of the experts
+resident, CUDA-graph pieces around the expert caches on CUDA and eager steps on CPU). ``max_experts_in_memory="auto"`` keeps every expert on the device
 when the model fits (see :func:`auto_experts_in_memory`).
 """
 
@@ -44,17 +54,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from ..devices import resolve_device, resolve_dtype
+from ..devices import resolve_dtype
 from ..errors import CheckpointError, ConfigError, InputError
 from .expert_cache import DynamicExpertLoader, SafetensorsExpertStore
 from .engine import InferenceEngine, Request, SamplingParams, TextTracker
 from .generate import pad_batch
+from .placement import DeviceMapLike, device_for, place_model, resolve_device_map
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +190,10 @@ class OptimizedMoEModel:
     Args:
         model_path: checkpoint directory (``config.json`` + ``model.safetensors``; tokenizer
             files and ``routing_stats.json`` are used when present).
-        device_map: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
+        device_map: "auto" (one GPU when the model fits; else its decoder layers split in
+            order across the visible GPUs, then experts behind the cache; the CPU without
+            CUDA), "cpu", "cuda", "cuda:N", or a ``{module prefix: device}`` dict (see
+            :mod:`moe_lab.inference.placement`).
         max_experts_in_memory: experts per MoE layer resident on the compute device, or
             "auto": all of them when the whole model fits in device memory (always on CPU),
             else as many as fit (see :func:`auto_experts_in_memory`).
@@ -199,7 +213,7 @@ class OptimizedMoEModel:
     def __init__(
         self,
         model_path: Union[str, os.PathLike],
-        device_map: Union[str, torch.device] = "auto",
+        device_map: DeviceMapLike = "auto",
         max_experts_in_memory: Union[int, str] = 4,
         expert_cache_size: int = 8,
         eviction_policy: str = "lru",
@@ -215,7 +229,10 @@ class OptimizedMoEModel:
                                   + f", got {v!r}")
         if not Path(model_path).expanduser().is_dir():
             raise CheckpointError(f"checkpoint directory not found: {model_path}")
-        self.device = resolve_device(device_map, "device_map")
+        # a plain device is resolved (and refused) before anything is read; a dict or "auto"
+        # with GPUs needs the model's names and sizes: the checkpoint is read on the host first
+        planned_later = isinstance(device_map, Mapping) or (device_map == "auto" and torch.cuda.is_available())
+        placement, planned = ({}, None) if planned_later else resolve_device_map(device_map, None, dtype)
         dtype = resolve_dtype(dtype)
         ckpt = Checkpoint.open(Path(model_path).expanduser(), dropout=0.0, attention_dropout=0.0, expert_dropout=0.0)
         if ckpt.format != "moe_lab":
@@ -225,12 +242,27 @@ class OptimizedMoEModel:
             )
         dtype = dtype or ckpt.stored_dtype
         # every tensor is checked against the header; the experts stay on the meta device
-        model = ckpt.build_model(device=self.device, dtype=dtype, exclude=is_expert_weight)
+        if planned_later:  # read on the host, then each part moves to its device
+            model = ckpt.build_model(device="cpu", dtype=dtype, exclude=is_expert_weight)
+            placement, planned = resolve_device_map(device_map, model, dtype)
+        else:
+            model = ckpt.build_model(device=placement[""], dtype=dtype, exclude=is_expert_weight)
+        devices = list(dict.fromkeys(placement.values()))
+        place_model(model, placement)
+        #: the input device (embeddings); the model may span more (:attr:`placement`)
+        self.device = device_for("embed_tokens.weight", placement)
         if max_experts_in_memory == "auto":
-            max_experts_in_memory = auto_experts_in_memory(model, ckpt, self.device, dtype)
+            max_experts_in_memory = planned if planned is not None else auto_experts_in_memory(
+                model, ckpt, self.device, dtype)
+        elif planned is not None and planned < max_experts_in_memory:
+            logger.info("device_map=auto: %d experts per layer fit on the devices (asked for %d)", planned,
+                        max_experts_in_memory)
+            max_experts_in_memory = planned
+        #: {module prefix: device} the model runs with
+        self.placement = placement
         store = SafetensorsExpertStore(
             ckpt.weights(lazy=True), model.moe_layer_indices, host_cache_size=expert_cache_size,
-            pin_memory=self.device.type == "cuda", dtype=dtype,
+            pin_memory=any(d.type == "cuda" for d in devices), dtype=dtype,
         )
         self.expert_loader = DynamicExpertLoader(
             model,
@@ -239,7 +271,7 @@ class OptimizedMoEModel:
             prefetch_strategy=prefetch_strategy,
             routing_stats=ckpt.routing_stats(),
             store=store,
-            device=self.device,
+            device=self.device if len(devices) == 1 else None,  # None: each layer's slots where its router is
             dtype=dtype,
         )
         leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

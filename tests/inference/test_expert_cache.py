@@ -214,3 +214,125 @@ def test_kv_cache_decode_with_tiny_cache():
         torch.testing.assert_close(managed(nxt, kv_cache=c2), ref(nxt, kv_cache=c1), rtol=0, atol=1e-6)
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
+
+
+# ---- overlapped offload: one-layer-ahead prediction, counters ---------------------------------
+
+
+def _needed_per_forward(model):
+    """Count, with hooks on the fully resident model, the experts each MoE forward needs."""
+    seen = []
+
+    def hook(module, args):
+        seen.append(int((args[1] > 0).sum()))
+
+    return seen, [m.experts.register_forward_pre_hook(hook) for m in model.moe_layers]
+
+
+def test_lookahead_prefetch_is_exact_cuts_misses_and_counters_add_up():
+    ref = _model(num_layers=4, num_experts=8)
+    needed, hooks = _needed_per_forward(ref)
+    ids = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(3))
+    want = generate(ref, ids, max_new_tokens=12, temperature=0)
+    for h in hooks:
+        h.remove()
+    misses = {}
+    for lookahead in (True, False):
+        managed = copy.deepcopy(ref)
+        loader = DynamicExpertLoader(managed, cache_size=4, prefetch_strategy="usage_based", lookahead=lookahead)
+        got = generate(managed, ids, max_new_tokens=12, temperature=0)
+        assert torch.equal(got, want)  # greedy tokens of the fully resident model, whatever is resident
+        st = loader.stats()
+        assert st["hits"] + st["misses"] == st["experts_needed"] == sum(needed)
+        assert st["prefetches"] == st["prefetch_hits"] + st["wasted_prefetches"] + st["pending_prefetches"]
+        assert st["lookahead"] is lookahead
+        misses[lookahead] = st["misses"]
+        if lookahead:
+            assert st["prefetches"] > 0 and st["prefetch_hits"] > 0 and st["hit_rate"] > 0
+            assert st["prefetch_hits"] > st["wasted_prefetches"]  # the prediction is mostly right
+        else:
+            assert st["prefetches"] == 0
+    assert misses[True] < misses[False]  # prefetching that silently does nothing fails here
+
+
+def test_prediction_is_the_next_layers_router_on_the_current_hidden_state():
+    ref = _model(num_layers=3)
+    managed = copy.deepcopy(ref)
+    loader = DynamicExpertLoader(managed, cache_size=2)
+    stashed = {}
+    orig = loader.caches[0].forward
+
+    def spy(x, tpe, backend=None):  # what layer 0's forward finds stashed for layer 1
+        stashed["look"] = loader.caches[0].lookahead
+        return orig(x, tpe, backend)
+
+    loader.caches[0].forward = spy
+    x_in = {}
+    managed.layers[0].post_attn_norm.register_forward_pre_hook(lambda m, a: x_in.setdefault("x", a[0]))
+    with torch.no_grad():
+        managed(torch.randint(0, 61, (2, 5)))
+        nxt, votes = stashed["look"]
+        assert nxt is loader.caches[1]
+        layer1 = managed.layers[1]
+        h = layer1.post_attn_norm(x_in["x"]).reshape(-1, 32)
+        _, experts_TK = layer1.mlp.router.route(h)
+        assert torch.equal(votes, torch.bincount(experts_TK.reshape(-1), minlength=6).float())
+
+
+def test_forward_resident_with_permuted_slots_equals_grouped_experts():
+    ref = _model(num_layers=1)
+    managed = copy.deepcopy(ref)
+    loader = DynamicExpertLoader(managed, cache_size=3, prefetch_strategy="none")
+    cache = loader.caches[0]
+    cache.prefetch([5, 2, 4])  # slot order != expert order
+    assert sorted(cache.slot_expert) == [2, 4, 5] and cache.slot_expert != [2, 4, 5]
+    tpe = torch.tensor([0, 0, 3, 0, 2, 4])
+    x = torch.randn(9, 32)
+    want = ref.moe_layers[0].experts(x, tpe)
+    torch.testing.assert_close(cache.forward_resident(x, tpe), want, rtol=0, atol=0)
+
+
+def _argmax_tokens(model, prompt, steps):
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("cache_size", [4, 2])  # 2: a batch step often needs more experts than slots (rounds)
+def test_engine_offload_pieces_equal_argmax_and_count_like_the_eager_path(cache_size):
+    """The engine's piecewise offload step (CUDA graphs on a GPU, plain calls here) decodes a
+    mixed batch (idle rows included) exactly, and needs the same experts as the eager path."""
+    from moe_lab.inference import InferenceEngine, SamplingParams
+
+    ref = _model(num_layers=3, num_experts=8)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [30, 31, 32]]
+    want = [_argmax_tokens(ref, p, 10) for p in prompts]
+    needed = {}
+    for pieces in (True, False):
+        managed = copy.deepcopy(ref)
+        loader = DynamicExpertLoader(managed, cache_size=cache_size)
+        eng = InferenceEngine(managed, max_batch_size=4, offload_graphs=pieces)
+        assert eng.use_offload_graphs is pieces
+        outs = eng.generate(prompts, SamplingParams(10, temperature=0))
+        assert [o.token_ids for o in outs] == want
+        assert (eng.stats()["offload_steps"] > 0) is pieces
+        st = loader.stats()
+        assert st["hits"] + st["misses"] == st["experts_needed"]
+        assert st["prefetches"] == st["prefetch_hits"] + st["wasted_prefetches"] + st["pending_prefetches"]
+        assert st["prefetch_hits"] > 0
+        needed[pieces] = st["experts_needed"]
+    assert needed[True] == needed[False]  # idle rows' experts are not counted (nor loaded)
+
+
+def test_offload_pieces_need_a_partly_resident_cache():
+    from moe_lab import InputError
+    from moe_lab.inference import InferenceEngine
+
+    with pytest.raises(InputError, match="offload_graphs=True needs"):
+        InferenceEngine(_model(num_layers=1), offload_graphs=True)  # no expert cache
+    managed = _model(num_layers=1)
+    DynamicExpertLoader(managed, cache_size=6)  # every expert resident
+    with pytest.raises(InputError, match="partly resident"):
+        InferenceEngine(managed, offload_graphs=True)

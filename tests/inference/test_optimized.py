@@ -255,3 +255,66 @@ def test_complete_and_stream_with_the_engine_loop_on_a_thread(tiny_ckpt):
     assert [c.text for c in got] == [c.text for c in want]
     assert "".join(c.text for c in chunks) == want[0].text and chunks[-1].finish_reason == "length"
     assert model.completion(r).text == want[1].text and events[-1].finished
+
+
+# ---- overlapped offload through OptimizedMoEModel; device_map ---------------------------------
+
+
+def _cpu_map():
+    return {"embed_tokens": "cpu", "layers.0": "cpu", "layers.1": "cpu", "norm": "cpu", "lm_head": "cpu"}
+
+
+def test_offload_prediction_reported_and_device_map_dict(tiny_ckpt):
+    path, _ = tiny_ckpt
+    ids = torch.tensor([[5, 17, 200, 3]])
+    resident = OptimizedMoEModel(path, device_map="cpu", max_experts_in_memory=4)
+    want = resident.generate(ids, max_new_tokens=16, temperature=0)
+    model = OptimizedMoEModel(path, device_map=_cpu_map(), max_experts_in_memory=2)
+    assert model.placement["layers.1"] == torch.device("cpu") and model.placement["rotary"] == torch.device("cpu")
+    model.expert_loader.reset_stats()
+    assert torch.equal(model.generate(ids, max_new_tokens=16, temperature=0), want)
+    st = model.stats()
+    assert st["hits"] + st["misses"] == st["experts_needed"] > 0
+    assert st["prefetch_hits"] > 0 and st["hit_rate"] > 0  # the one-layer-ahead prediction is used
+
+
+@pytest.mark.parametrize(
+    "device_map, match",
+    [
+        ({**_cpu_map(), "layerz.0": "cpu"}, "unknown module prefix 'layerz.0'"),
+        ({**_cpu_map(), "layers.1": "tpu:0"}, "device_map\\['layers.1'\\] must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu:0'"),
+        ({k: v for k, v in _cpu_map().items() if k != "lm_head"}, "covers no device for modules \\['lm_head'\\]"),
+        ("gpu", "device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        ({}, "device_map is an empty dict"),
+    ],
+)
+def test_device_map_rejects_bad_values(tiny_ckpt, device_map, match):
+    path, _ = tiny_ckpt
+    with pytest.raises(ConfigError, match=match):
+        OptimizedMoEModel(path, device_map=device_map)
+
+
+def test_plan_device_map_fits_splits_offloads():
+    from moe_lab.inference.placement import ModelSizes, plan_device_map
+
+    # 4 layers of 10 dense + 8 experts x 5 bytes = 50 each; embeddings 20, head 20: 240 in all
+    sizes = ModelSizes(embed_bytes=20, head_bytes=20, layer_bytes=[10] * 4, expert_bytes=[5] * 4, num_experts=8)
+    assert sizes.total() == 240
+    assert plan_device_map(sizes, {}).device_map == {"": "cpu"}
+    one = plan_device_map(sizes, {"cuda:0": 300, "cuda:1": 300}, headroom=1.0)
+    assert one.device_map == {"": "cuda:0"} and one.experts_in_memory == 8
+    # does not fit on one GPU: layers split in order, embeddings first, head last, every expert resident
+    split = plan_device_map(sizes, {"cuda:0": 130, "cuda:1": 130}, headroom=1.0)
+    assert split.experts_in_memory == 8
+    assert [split.device_map[f"layers.{i}"] for i in range(4)] == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert split.device_map["embed_tokens"] == "cuda:0" and split.device_map["lm_head"] == "cuda:1"
+    assert split.bytes_per_device == {"cuda:0": 120, "cuda:1": 120}
+    tied = plan_device_map(ModelSizes(40, 0, [10] * 4, [5] * 4, 8), {"cuda:0": 130, "cuda:1": 130}, 1.0, tied=True)
+    assert tied.device_map["lm_head"] == tied.device_map["embed_tokens"] == "cuda:0"  # the shared matrix stays put
+    assert tied.device_map["layers.3"] == "cuda:1"
+    # not even split: fewer experts per layer on the GPUs (the rest behind the expert cache)
+    small = plan_device_map(sizes, {"cuda:0": 70, "cuda:1": 70}, headroom=1.0)
+    assert small.experts_in_memory == 3  # 20 + 2 x (10 + 3 x 5) = 70 per GPU
+    assert sum(small.bytes_per_device.values()) == sizes.total(3)
+    with pytest.raises(ConfigError, match="does not fit the devices"):
+        plan_device_map(sizes, {"cuda:0": 30}, headroom=1.0)
