@@ -78,10 +78,12 @@ def init_ray(
     log_to_driver: bool = True,
     runtime_env: Optional[Dict[str, Any]] = None,
     dashboard_port: Optional[int] = None,
+    include_dashboard: bool = True,
 ) -> Any:
     """Connect to ``address`` or start an embedded local cluster; a no-op if Ray is up.
 
-    ``dashboard_port``: for a local cluster (default: Ray's 8265, or the next free port).
+    ``dashboard_port``: for a local cluster (default: Ray's 8265, or the next free port);
+    ``include_dashboard=False`` starts a local cluster without the dashboard (tests).
     Returns the ``ray`` module.
     """
     quiet_ray_environment()
@@ -113,7 +115,7 @@ def init_ray(
             num_cpus=num_cpus or local_cpu_count(),
             num_gpus=num_gpus,
             object_store_memory=object_store_memory,
-            include_dashboard=True,
+            include_dashboard=include_dashboard,
             dashboard_host="127.0.0.1",
             **({"dashboard_port": dashboard_port} if dashboard_port else {}),
             **kwargs,

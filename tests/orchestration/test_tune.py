@@ -291,7 +291,7 @@ def test_optuna_suggests_the_variant_first_and_nothing_inert_for_it(tmp_path):
 def ray_cluster():
     from moe_lab.orchestration.cluster import init_ray, shutdown_ray
 
-    init_ray(num_cpus=4, object_store_memory=300 * 1024**2, log_to_driver=False)
+    init_ray(num_cpus=4, object_store_memory=300 * 1024**2, log_to_driver=False, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     shutdown_ray()
 
