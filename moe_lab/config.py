@@ -342,6 +342,12 @@ class TrainingConfig(_StrictModel):
     seed: int = 42
     device: str = "auto"
     save_total_limit: Optional[int] = Field(2, ge=1)
+    #: the format of the step checkpoints (``checkpoints/step-N``): "full" (config.json +
+    #: model.safetensors + optimizer.safetensors, gathered onto every rank, written by rank 0),
+    #: "sharded" (torch.distributed.checkpoint: every rank writes its own pieces, loadable at
+    #: any layout; see moe_lab.checkpoint.sharded) or "auto" (sharded when the layout shards
+    #: parameters: dp_shard, tp or pp > 1). The final ``model/`` is always the full format.
+    checkpoint_format: Literal["auto", "full", "sharded"] = "auto"
     progress_bar: bool = True
     fast_paths: bool = True
     #: the LM loss: "logits" (lm_head, then cross-entropy), "chunked" (lm_head and cross-entropy
@@ -349,5 +355,10 @@ class TrainingConfig(_StrictModel):
     #: CUDA with fast_paths, else logits)
     lm_loss: Literal["auto", "logits", "chunked"] = "auto"
     tensorboard: bool = True  #: TensorBoard events in output_dir/tensorboard
+    #: recompute decoder layers in backward instead of keeping their activations: "none",
+    #: "full" (every layer) or "selective" (every ``activation_checkpointing_every``-th layer,
+    #: from layer 0); exact (see moe_lab.training.activation_checkpointing)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing_every: int = Field(2, ge=1)  #: "selective": checkpoint layers 0, n, 2n, ...
     mlflow_tracking_uri: Optional[str] = None  #: log to MLflow too (e.g. "file:./mlruns"; needs mlflow)
     mlflow_experiment: str = "moe-lab"

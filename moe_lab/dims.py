@@ -12,6 +12,9 @@ from typing import Any, List, Mapping, Optional, Tuple
 
 from .errors import DistributedError
 
+#: pipeline schedules (``ParallelDims.pp_schedule``) -> stages per rank (see moe_lab.parallel.pipeline)
+PIPELINE_SCHEDULES = {"1f1b": 1, "interleaved_1f1b": 2, "gpipe": 1}
+
 
 def _positive(name: str, v: Any, allow_fill: bool = False) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and not (allow_fill and v == -1)):
@@ -26,10 +29,19 @@ class ParallelDims:
         dp_replicate: data-parallel replicas (plain all-reduce, or HSDP's replicate dim with
             ``dp_shard > 1``); -1: whatever the other sizes leave of the world.
         dp_shard: FSDP2 shards (1: no FSDP).
-        tp: tensor-parallel ranks (DTensor ``parallelize_module``; not with ``dp_shard > 1`` yet).
-        pp: pipeline stages (not built yet: ``pp > 1`` is rejected).
+        tp: tensor-parallel ranks (DTensor ``parallelize_module``; with ``dp_shard > 1``, FSDP2
+            shards TP's DTensors over the ``dp_shard`` ranks: a 2-D mesh, as torchtitan).
+        pp: pipeline stages (``torch.distributed.pipelining``, :mod:`moe_lab.parallel.pipeline`;
+            not with ``dp_shard > 1`` or ``tp > 1``).
         ep: ranks the experts are sharded over, borrowed from ``dp_shard`` (or from
             ``dp_replicate`` when ``dp_shard`` is 1).
+        pp_schedule: the pipeline schedule with ``pp > 1``: ``"1f1b"``, ``"interleaved_1f1b"``
+            (two stages per rank) or ``"gpipe"``.
+        expert_tp: expert tensor parallelism (with ``tp > 1``, not with ``dp_shard > 1``): every
+            expert's FFN is split over the TP ranks along its intermediate dim (``w_in``
+            column-parallel, ``w_out`` row-parallel, the partial outputs summed over TP; see
+            :class:`moe_lab.parallel.tensor_parallel.ExpertTensorParallel`). False: each TP rank
+            holds whole experts (its EP share), replicated over TP.
     """
 
     dp_replicate: int = -1
@@ -37,6 +49,13 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    pp_schedule: str = "1f1b"
+    expert_tp: bool = False
+
+    @property
+    def pp_stages(self) -> int:
+        """Pipeline stages in all: ``pp`` × the schedule's stages per rank."""
+        return self.pp * PIPELINE_SCHEDULES.get(self.pp_schedule, 1)
 
     @property
     def dp(self) -> int:
@@ -102,13 +121,19 @@ class ParallelDims:
         else:
             rep = self.dp_replicate
         out = []
-        if self.dp_shard > 1 and self.tp > 1:
-            # not exact yet: FSDP2 mishandles the gradients of the vocab-parallel embedding
-            # and the sequence-parallel norms (a known gap, see the tensor-parallel tests)
-            out.append(f"{n('dp_shard')} ({self.dp_shard}) > 1 with {n('tp')} ({self.tp}) > 1 is not supported yet; "
-                       "use FSDP or TP, each with expert parallelism")
-        if self.pp > 1:
-            out.append(f"{n('pp')} ({self.pp}) > 1 is not supported yet: pipeline parallelism is not built")
+        if not isinstance(self.expert_tp, bool):
+            out.append(f"{n('expert_tp')} must be true or false, got {self.expert_tp!r}")
+        elif self.expert_tp and self.tp == 1:
+            out.append(f"{n('expert_tp')} needs {n('tp')} > 1 (got {n('tp')} {self.tp}): it splits the experts over "
+                       "the tensor-parallel ranks")
+        elif self.expert_tp and self.dp_shard > 1:
+            out.append(f"{n('expert_tp')} with {n('dp_shard')} ({self.dp_shard}) > 1 is not supported: FSDP would "
+                       "shard the TP-split expert weights again; use expert_tp with tp and ep only")
+        if self.pp_schedule not in PIPELINE_SCHEDULES:
+            out.append(f"{n('pp_schedule')} ({self.pp_schedule!r}) must be one of {sorted(PIPELINE_SCHEDULES)}")
+        if self.pp > 1 and (self.dp_shard > 1 or self.tp > 1):
+            out.append(f"{n('pp')} ({self.pp}) > 1 with {n('dp_shard')} ({self.dp_shard}) or {n('tp')} ({self.tp}) > 1 "
+                       "is not supported yet; pipeline parallelism composes with data and expert parallelism")
         if self.dp_shard > 1 and self.dp_shard % self.ep:
             out.append(f"{n('dp_shard')} ({self.dp_shard}) must be divisible by {n('ep')} ({self.ep})")
         if self.dp_shard == 1 and rep % self.ep:
@@ -140,9 +165,21 @@ def model_problems(dims: ParallelDims, config: Any, prefix: str = "", dim_prefix
                         ("vocab_size", config.vocab_size), ("dense_ffn_size", config.dense_ffn_size)):
             if v is not None and v % dims.tp:
                 out.append(f"{prefix}{name} ({v}) must be divisible by {d('tp')} ({dims.tp})")
+        if dims.expert_tp and config.intermediate_size % dims.tp:
+            out.append(f"{prefix}expert_hidden_size ({config.intermediate_size}) must be divisible by {d('tp')} "
+                       f"({dims.tp}) with {d('expert_tp')}: each TP rank holds 1/{dims.tp} of every expert's FFN")
         if getattr(config, "qk_norm", False):
             out.append(f"{prefix}qk_norm is not supported with {d('tp')} ({dims.tp}) > 1: its per-head norm "
                        "weights would see only this rank's heads")
-    if dims.pp > 1 and config.num_layers < dims.pp:
-        out.append(f"{prefix}num_layers ({config.num_layers}) must be at least {d('pp')} ({dims.pp})")
+    if dims.pp > 1:
+        stages = dims.pp_stages
+        if config.num_layers < stages:
+            per = f" × {stages // dims.pp} stages per rank of {dims.pp_schedule} = {stages}" if stages > dims.pp else ""
+            out.append(f"{prefix}num_layers ({config.num_layers}) must be at least {d('pp')} ({dims.pp}){per}")
+        if getattr(config, "tie_word_embeddings", False):
+            out.append(f"{prefix}tie_word_embeddings is not supported with {d('pp')} ({dims.pp}) > 1: the embedding "
+                       "and the LM head live on different pipeline stages")
+        if getattr(config, "load_balancing_scope", "micro_batch") == "global_batch":
+            out.append(f"{prefix}load_balancing_scope 'global_batch' is not supported with {d('pp')} ({dims.pp}) > 1 "
+                       "(its selection pre-pass is a whole-model forward); use 'micro_batch' or 'sequence'")
     return out

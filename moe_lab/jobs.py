@@ -58,7 +58,8 @@ class ScalingSpec(_StrictModel):
     """How many Ray Train workers, and how the model is split over them.
 
     The layout (:class:`~moe_lab.parallel.ParallelDims`): ``dp_shard`` FSDP2 shards, ``tp``
-    tensor-parallel ranks, ``pp`` pipeline stages (not built yet: must be 1), ``ep`` (or its
+    tensor-parallel ranks, ``pp`` pipeline stages (run by the ``pp_schedule``: ``1f1b``,
+    ``interleaved_1f1b`` or ``gpipe``; with data and expert parallelism only), ``ep`` (or its
     API-reference name ``expert_parallel_size``) ranks the experts are sharded over, borrowed
     from the data-parallel ones; the rest of ``num_workers`` replicates.
     """
@@ -66,9 +67,12 @@ class ScalingSpec(_StrictModel):
     num_workers: int = Field(1, ge=1)
     expert_parallel_size: int = Field(1, ge=1)
     dp_shard: int = Field(1, ge=1)  #: FSDP2 shards (1: no FSDP)
-    tp: int = Field(1, ge=1)  #: tensor-parallel ranks (not with dp_shard > 1 yet)
-    pp: int = Field(1, ge=1)  #: pipeline stages (not supported yet: must be 1)
+    tp: int = Field(1, ge=1)  #: tensor-parallel ranks (with dp_shard > 1: FSDP over TP's DTensors, a 2-D mesh)
+    pp: int = Field(1, ge=1)  #: pipeline stages (not with dp_shard > 1 or tp > 1)
+    pp_schedule: str = "1f1b"  #: the pipeline schedule: "1f1b", "interleaved_1f1b" (2 stages per rank) or "gpipe"
     ep: Optional[int] = Field(None, ge=1)  #: the same as expert_parallel_size (give one of them)
+    #: expert tensor parallelism (tp > 1, dp_shard 1): every expert's FFN split over the TP ranks
+    expert_tp: bool = False
     use_gpu: bool = False
     cpus_per_worker: Optional[float] = Field(None, gt=0)  #: default: sized so Ray Data is not starved
     max_failures: int = Field(0, ge=-1)
@@ -84,8 +88,8 @@ class ScalingSpec(_StrictModel):
         """The layout as resolved :class:`~moe_lab.parallel.ParallelDims` for ``num_workers``."""
         from .dims import ParallelDims
 
-        return ParallelDims(dp_shard=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.expert_parallel).resolve(
-            self.num_workers)
+        return ParallelDims(dp_shard=self.dp_shard, tp=self.tp, pp=self.pp, ep=self.expert_parallel,
+                            pp_schedule=self.pp_schedule, expert_tp=self.expert_tp).resolve(self.num_workers)
 
     @model_validator(mode="after")
     def _check(self) -> "ScalingSpec":
@@ -98,8 +102,10 @@ class ScalingSpec(_StrictModel):
         name = "ep" if self.ep is not None else "expert_parallel_size"
         if self.dp_shard * self.tp * self.pp == 1 and self.num_workers % ep:
             raise ValueError(f"num_workers ({self.num_workers}) must be divisible by {name} ({ep})")
-        problems = ParallelDims(dp_shard=self.dp_shard, tp=self.tp, pp=self.pp, ep=ep).problems(
-            self.num_workers, {"world_size": "scaling.num_workers", **{k: f"scaling.{k}" for k in ("dp_shard", "tp", "pp")},
+        problems = ParallelDims(dp_shard=self.dp_shard, tp=self.tp, pp=self.pp, ep=ep, pp_schedule=self.pp_schedule,
+                                expert_tp=self.expert_tp).problems(
+            self.num_workers, {"world_size": "scaling.num_workers",
+                               **{k: f"scaling.{k}" for k in ("dp_shard", "tp", "pp", "pp_schedule", "expert_tp")},
                                "ep": f"scaling.{name}", "dp_replicate": "num_workers / (tp × pp)"})
         if problems:
             raise ValueError("; ".join(problems))
@@ -119,9 +125,22 @@ class JobSpec(_StrictModel):
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
         problems = self.parallel_problems()
-        if self.data.streaming and self.scaling.tp > 1:
-            problems.append(f"data.streaming with scaling.tp ({self.scaling.tp}) > 1 is not supported yet: Ray Data "
-                            "gives every worker its own batches, and the TP ranks of a replica need the same ones")
+        sc, accum = self.scaling, self.training.gradient_accumulation_steps
+        if self.data.streaming and sc.tp > 1 and sc.pp == 1 and self.training.batch_size % sc.num_workers:
+            problems.append(f"data.streaming with scaling.tp ({sc.tp}) > 1 needs training.batch_size "
+                            f"({self.training.batch_size}) divisible by scaling.num_workers ({sc.num_workers}): each "
+                            "worker reads its share of its replica's batch from the stream")
+        if sc.pp > 1 and self.data.streaming:
+            problems.append(f"data.streaming with scaling.pp ({sc.pp}) > 1 is not supported yet: the pipeline stages "
+                            "of a replica need the same batches")
+        if sc.pp > 1 and sc.pp_schedule == "1f1b" and accum < sc.pp:
+            problems.append(f"scaling.pp_schedule '1f1b' needs training.gradient_accumulation_steps ({accum}) >= "
+                            f"scaling.pp ({sc.pp}): the pipeline's micro-batches are the step's")
+        glu = getattr(self.model.expert_type, "value", self.model.expert_type) == "glu"
+        if sc.expert_tp and glu and sc.expert_parallel == 1 and self.training.checkpoint_format != "full":
+            problems.append(f"scaling.expert_tp with scaling.ep 1 and GLU experts needs training.checkpoint_format "
+                            f"'full' (got {self.training.checkpoint_format!r}): sharded checkpoints cannot store the "
+                            "GLU experts' strided TP split without EP yet")
         if problems:
             raise ValueError("; ".join(problems))
         if self.data.max_length > self.model.max_position_embeddings:
@@ -277,7 +296,10 @@ RESUME_ALLOWED = (
     "training.eval_samples",
     "training.save_steps",
     "training.save_total_limit",
+    "training.checkpoint_format",  # the resume reads either format, at any layout
     "training.progress_bar",
+    "training.activation_checkpointing",  # exact: the same steps, less memory
+    "training.activation_checkpointing_every",
     "training.tensorboard",
     "training.mlflow_tracking_uri",
     "training.mlflow_experiment",
@@ -286,6 +308,7 @@ RESUME_ALLOWED = (
     "scaling.ep",
     "scaling.dp_shard",
     "scaling.tp",
+    "scaling.expert_tp",  # a layout: the same full weights, split another way
     "scaling.use_gpu",
     "scaling.cpus_per_worker",
     "scaling.max_failures",

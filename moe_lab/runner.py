@@ -141,8 +141,10 @@ RuntimeFactory = Callable[[torch.nn.Module, TrainTask], Runtime]
 
 def build_task_model(task: TrainTask) -> torch.nn.Module:
     """The task's model with its initial weights; resume weights load later (in the trainer),
-    or here when the runtime will shard the experts (checkpoints hold full tensors)."""
-    from .checkpoint import Checkpoint, latest_checkpoint
+    or here when the runtime will shard the parameters and the checkpoint is a full one (it
+    holds full tensors). A sharded (DCP) checkpoint loads in the trainer, after sharding, at
+    whatever layout the runtime gives (:meth:`moe_lab.checkpoint.ShardedCheckpoint.load_sharded`)."""
+    from .checkpoint import Checkpoint, is_sharded_checkpoint, latest_checkpoint
     from .model import MoEModel
 
     torch.manual_seed(task.training.seed)
@@ -152,17 +154,11 @@ def build_task_model(task: TrainTask) -> torch.nn.Module:
     resume = task.resume_from
     if resume == "latest":
         resume = latest_checkpoint(Path(task.training.output_dir).expanduser().resolve())
-    if resume is not None and task.dims is not None and task.dims.sharded:
-        # the optimizer state loads as plain tensors (moe_lab.checkpoint.load_optimizer_state),
-        # which AdamW cannot mix with DTensor parameters
-        from .errors import DistributedError
-
-        raise DistributedError(
-            f"resuming from {resume} with dp_shard ({task.dims.dp_shard}) or tp ({task.dims.tp}) > 1 is not supported "
-            "yet; resume at data + expert parallelism (the checkpoint is the full model, any layout can continue it)"
-        )
-    if resume is not None and task.expert_parallel_size > 1:
-        Checkpoint.open(resume).load_into(model)  # full weights, before sharding
+    sharded = task.expert_parallel_size > 1 or (task.dims is not None and (task.dims.sharded or task.dims.ep > 1))
+    if resume is not None and sharded and not is_sharded_checkpoint(resume):
+        # full weights, before the runtime shards them (FSDP, TP, EP); the optimizer state is
+        # cut to this rank's pieces when the trainer resumes (moe_lab.checkpoint.load_optimizer_state)
+        Checkpoint.open(resume).load_into(model)
     return model
 
 

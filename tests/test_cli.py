@@ -4,15 +4,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from moe_lab import MoEModel
 from moe_lab.cli import app
 from moe_lab.data import ByteTokenizer
 from moe_lab.training import MoETrainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -86,13 +90,26 @@ def test_generate_bad_values(tiny_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_real_subprocess_train(tmp_path):
+    # `moe-lab train` as a user runs it (its own embedded Ray cluster), on the layout that needs
+    # the most of the Ray path: jobs/train_pp.yaml at PP 2 on 2 Ray Train workers (its PP 2 x EP 2
+    # is exact in tests/parallel/test_pipeline.py; the default job runs through Ray too, in
+    # tests/orchestration/test_submit.py)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "moe_lab", "train", "--set", "training.max_steps=4", "--set", "training.eval_steps=4",
-           "--set", "data.corpus_size_bytes=200000", "--set", "training.logging_steps=2", "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [sys.executable, "-m", "moe_lab", "train", "jobs/train_pp.yaml", "--set", "scaling.num_workers=2",
+           "--set", "scaling.ep=1", "--set", "training.max_steps=4",
+           "--set", "training.eval_steps=4", "--set", "data.corpus_size_bytes=100000", "--set", "training.eval_samples=32",
+           "--set", "training.logging_steps=2", "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "final eval loss" in proc.stdout and "unigram baseline" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 4
     for name in ("metrics.jsonl", "loss_curve.png", "model/model.safetensors", "job.yaml"):
         assert (out / name).exists(), name
+    job = yaml.safe_load((out / "job.yaml").read_text())
+    assert job["scaling"]["pp"] == 2 and job["scaling"]["num_workers"] == 2
+    # the checkpoint gathered both stages: the full model, every decoder layer
+    from moe_lab.training import load_pretrained_moe
+
+    assert len(load_pretrained_moe(out / "model").layers) == 4

@@ -147,9 +147,8 @@ def test_scaling_layout_from_set():
     [
         (["scaling.num_workers=4", "scaling.ep=4", "model.num_experts=6"],
          r"model\.num_experts \(6\) must be divisible by scaling\.ep \(4\)"),
-        (["scaling.num_workers=2", "scaling.pp=2"], r"scaling\.pp \(2\) > 1 is not supported yet: pipeline parallelism"),
-        (["scaling.num_workers=4", "scaling.dp_shard=2", "scaling.tp=2"],
-         r"scaling\.dp_shard \(2\) > 1 with scaling\.tp \(2\) > 1 is not supported yet"),
+        (["scaling.num_workers=4", "scaling.pp=2", "scaling.tp=2"],
+         r"scaling\.pp \(2\) > 1 with scaling\.dp_shard \(1\) or scaling\.tp \(2\) > 1 is not supported yet"),
         (["scaling.num_workers=3", "scaling.tp=2"],
          r"scaling\.num_workers \(3\) must be divisible by scaling\.dp_shard \(1\) × scaling\.tp \(2\)"),
         (["scaling.num_workers=4", "scaling.dp_shard=4", "scaling.ep=3"],
@@ -158,7 +157,9 @@ def test_scaling_layout_from_set():
          r"scaling\.ep \(2\) and scaling\.expert_parallel_size \(4\) are the same setting"),
         (["scaling.num_workers=2", "scaling.tp=2", "model.num_attention_heads=1", "model.head_dim=16"],
          r"model\.num_attention_heads \(1\) must be divisible by scaling\.tp \(2\)"),
-        (["scaling.num_workers=2", "scaling.tp=2", "data.streaming=true"], r"data\.streaming with scaling\.tp \(2\)"),
+        (["scaling.num_workers=4", "scaling.tp=2", "data.streaming=true", "training.batch_size=6"],
+         r"data\.streaming with scaling\.tp \(2\) > 1 needs training\.batch_size \(6\) divisible by "
+         r"scaling\.num_workers \(4\)"),
     ],
 )
 def test_bad_layouts_name_the_values(overrides, match):
@@ -168,7 +169,7 @@ def test_bad_layouts_name_the_values(overrides, match):
 
 @pytest.mark.parametrize("overrides, message", [
     (["scaling.tp=2"], "the tokenizer's vocabulary (259, set model.vocab_size to 260) must be divisible by scaling.tp (2)"),
-    (["scaling.pp=2"], "scaling.pp (2) > 1 is not supported yet: pipeline parallelism is not built"),
+    (["scaling.pp=2", "model.num_layers=1"], "model.num_layers (1) must be at least scaling.pp (2)"),
 ])
 def test_cli_rejects_a_bad_layout_before_ray_starts(tmp_path, overrides, message):
     import ray
@@ -193,23 +194,3 @@ def test_job_task_carries_the_layout(tmp_path):
     data = PreparedData(train=[{"input_ids": [1, 2, 3]}], eval=None, tokenizer=list(range(259)), stats={})
     task = job_task(spec, data, tmp_path)
     assert task.dims == ParallelDims(dp_replicate=1, dp_shard=2, ep=2) and task.expert_parallel_size == 2
-
-
-def test_cli_resume_of_a_sharded_layout_fails_clearly(tmp_path):
-    """Resuming at FSDP/TP is not built yet (the optimizer state loads unsharded); the driver
-    says so before Ray starts, and names the layout that can continue the checkpoint."""
-    import ray
-    from helpers import tiny_config
-    from typer.testing import CliRunner
-
-    from moe_lab import MoEModel
-    from moe_lab.cli import app
-    from moe_lab.jobs import record_job
-    from moe_lab.training import MoETrainer
-
-    record_job(load_job(ROOT / "jobs" / "train_tp.yaml"), tmp_path)
-    MoETrainer(MoEModel.from_config(tiny_config()), progress_bar=False).save_checkpoint(tmp_path / "checkpoints" / "step-000001")
-    res = CliRunner().invoke(app, ["train", "--resume", "-o", str(tmp_path)])
-    assert res.exit_code == 2, res.output
-    assert "--resume with scaling.dp_shard (1) or scaling.tp (2) > 1 is not supported yet" in res.output
-    assert "Traceback" not in res.output and not ray.is_initialized()

@@ -19,6 +19,7 @@ def _every_field_changed() -> TrainingConfig:
         adam_eps=1e-7, min_lr_ratio=0.3, max_steps=7, eval_steps=5, save_steps=6, logging_steps=2, eval_samples=9,
         seed=3, device="cpu", save_total_limit=4, progress_bar=False, fast_paths=False, tensorboard=False,
         mlflow_tracking_uri=None, mlflow_experiment="other", lm_loss="chunked",
+        activation_checkpointing="selective", activation_checkpointing_every=3, checkpoint_format="sharded",
     )
     defaults = TrainingConfig()
     missing = sorted(set(TrainingConfig.model_fields) - set(changed))

@@ -20,6 +20,12 @@ A checkpoint directory holds:
   cache to keep hot experts resident);
 - tokenizer files, when a tokenizer is given.
 
+A *sharded* training checkpoint (``training.checkpoint_format``, see :mod:`.sharded`) has
+``sharded.json`` + ``dcp/`` (torch.distributed.checkpoint shards of model and optimizer,
+written by every rank) instead of the weights and optimizer files. ``Checkpoint.open`` reads
+it too (a :class:`ShardedCheckpoint`): the trainer resumes from it at any layout, and
+everything else gets the full format, consolidated on first use.
+
 Nothing is unpickled on load. A legacy ``optimizer.pt`` is read with ``weights_only=True``
 only. Loading checks before it allocates (see :mod:`moe_lab.checkpoint.checks`).
 
@@ -57,8 +63,8 @@ from .files import (
 )
 from .formats import register_format, registered_formats
 from .header import SafetensorsHeader, TensorSpec, read_header
-from .reader import Checkpoint, load_pretrained_moe
-from .sharded import consolidate, is_sharded_checkpoint, load_sharded, save_sharded
+from .reader import Checkpoint, ShardedCheckpoint, load_pretrained_moe
+from .sharded import consolidate, is_sharded_checkpoint, load_sharded, save_sharded, write_sharded_checkpoint
 from .training_state import (
     TrainingState,
     load_optimizer_state,
@@ -81,6 +87,7 @@ __all__ = [
     "ROUTING_STATS",
     "SCHEDULER_NAME",
     "SafetensorsHeader",
+    "ShardedCheckpoint",
     "TOKENIZER_FILES",
     "TRAINER_STATE",
     "TensorSpec",
@@ -116,4 +123,5 @@ __all__ = [
     "write_checkpoint",
     "write_json_atomic",
     "write_model_files",
+    "write_sharded_checkpoint",
 ]

@@ -39,6 +39,9 @@ LEGACY_OPTIMIZER = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.json"
 TRAINER_STATE = "trainer_state.json"
 ROUTING_STATS = "routing_stats.json"
+#: a sharded (torch.distributed.checkpoint) checkpoint: this marker file + the DCP shards' directory
+SHARDED_META = "sharded.json"
+DCP_DIR = "dcp"
 #: a checkpoint has a tokenizer when one of these is present (moe_lab's or transformers')
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 #: the final model of a job output directory
@@ -181,6 +184,11 @@ def read_routing_stats(path: str | os.PathLike) -> Optional[Dict[str, Any]]:
 # ---------------------------------------------------------------------------------------
 
 
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded (DCP) checkpoint directory (see :mod:`.sharded`)."""
+    return (Path(path) / SHARDED_META).is_file() and (Path(path) / DCP_DIR).is_dir()
+
+
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """A directory with ``config.json`` (of any format)."""
     return (Path(path) / CONFIG_NAME).is_file()
@@ -231,14 +239,16 @@ def find_weight_files(directory: Path, allow_shards: bool = True) -> List[Path]:
 
 
 def list_checkpoints(checkpoints_dir: str | os.PathLike) -> List[Path]:
-    """Complete ``step-N`` checkpoints in ``checkpoints_dir``, oldest first."""
+    """Complete ``step-N`` checkpoints (full or sharded) in ``checkpoints_dir``, oldest first."""
     d = Path(checkpoints_dir)
     if not d.is_dir():
         return []
     found = []
     for child in d.iterdir():
         m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / WEIGHTS_NAME).exists() and (child / CONFIG_NAME).exists():
+        if m and child.is_dir() and (child / CONFIG_NAME).exists() and (
+            (child / WEIGHTS_NAME).exists() or is_sharded_checkpoint(child)
+        ):
             found.append((int(m.group(1)), child))
     return [p for _, p in sorted(found)]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Union
@@ -39,7 +40,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError
 from .checks import Where, check_layer_count, check_memory, check_model_matches, compare_specs, model_specs
 from .config_file import moe_config_from_json, read_config_json
-from .files import CONFIG_NAME, TOKENIZER_FILES, find_weight_files, read_routing_stats
+from .files import CONFIG_NAME, TOKENIZER_FILES, find_weight_files, is_sharded_checkpoint, read_routing_stats
 from .formats import reader_for
 from .header import SafetensorsHeader, TensorSpec, read_header
 from .hub import resolve_local_or_hub
@@ -73,7 +74,7 @@ class Checkpoint:
         self.raw_config = raw_config
         self._overrides = dict(overrides)
         self.config: MoEConfig = self._make_config(raw_config, self._overrides)
-        self._files = find_weight_files(path, allow_shards=self.sharded)
+        self._found: Optional[List[Path]] = self._weight_files_at_open()
         self._headers: Optional[List[SafetensorsHeader]] = None
 
     # ---- opening ----------------------------------------------------------------------
@@ -93,6 +94,8 @@ class Checkpoint:
         path = resolve_local_or_hub(name_or_path)
         raw = read_config_json(path)
         model_type = raw.get("model_type")
+        if model_type is None and is_sharded_checkpoint(path):
+            return ShardedCheckpoint.from_directory(path, raw, overrides)
         if model_type is None:
             return cls.from_directory(path, raw, overrides)
         return reader_for(str(model_type), path).from_directory(path, raw, overrides)
@@ -121,6 +124,25 @@ class Checkpoint:
         return self.raw_config.get("model_type")
 
     # ---- weights ----------------------------------------------------------------------
+    def _weight_files_at_open(self) -> Optional[List[Path]]:
+        """The weight files, found (and checked to exist) when the checkpoint is opened;
+        None: a format that makes them on first use (:class:`ShardedCheckpoint`)."""
+        return find_weight_files(self.path, allow_shards=self.sharded)
+
+    def _make_weight_files(self) -> List[Path]:
+        raise AssertionError(f"{type(self).__name__} found its weight files when it was opened")
+
+    @property
+    def _files(self) -> List[Path]:
+        if self._found is None:
+            self._found = self._make_weight_files()
+        return self._found
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether this is a sharded (DCP) training checkpoint (see :class:`ShardedCheckpoint`)."""
+        return False
+
     @property
     def weight_files(self) -> List[Path]:
         return list(self._files)
@@ -268,6 +290,42 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, format={self.format!r})"
+
+
+class ShardedCheckpoint(Checkpoint):
+    """A sharded training checkpoint (``torch.distributed.checkpoint``, see
+    :mod:`moe_lab.checkpoint.sharded`), read like any other.
+
+    The trainer resumes from it at any layout with :meth:`load_sharded` (each rank reads its
+    own pieces). Everything that wants the full format (``build_model``, ``load_pretrained_moe``,
+    ``moe-lab export``, serving, ``weights``, ``load_into``) gets it transparently: on first
+    use the checkpoint is consolidated in this process (:func:`~moe_lab.checkpoint.sharded.consolidate`)
+    into a private temporary directory that lives as long as this object; the checkpoint
+    itself is never modified. The config, tokenizer, trainer state and routing statistics are
+    read from the directory as for a full checkpoint."""
+
+    format: ClassVar[str] = "moe_lab-sharded"
+
+    def _weight_files_at_open(self) -> Optional[List[Path]]:
+        return None  # consolidated on first use
+
+    def _make_weight_files(self) -> List[Path]:
+        from .sharded import consolidate
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="moe-lab-consolidated-")  # removed with this object
+        out = consolidate(self.path, Path(self._tmp.name) / "model")
+        return find_weight_files(out, allow_shards=False)
+
+    @property
+    def is_sharded(self) -> bool:
+        return True
+
+    def load_sharded(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+        """Load the model (and optimizer) state into ``model``/``optimizer`` at their current
+        layout (a collective under torch.distributed; one process works too)."""
+        from .sharded import load_sharded
+
+        return load_sharded(model, optimizer, self.path)
 
 
 class _MetaWithoutReferenceKernels(TorchFunctionMode):

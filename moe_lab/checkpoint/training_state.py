@@ -10,7 +10,9 @@ Files: ``optimizer.safetensors`` (tensors keyed ``"{param_name}::{key}"``, e.g.
 optimizer class), ``scheduler.json`` (the LR scheduler's ``state_dict`` without its
 lambdas) and ``trainer_state.json`` (step, epoch, data position, RNG states, metrics).
 Keys by name make the state independent of the parameter order and of expert
-parallelism: ``expert_slices`` picks the rows of a sharded parameter that a rank holds.
+parallelism: ``expert_slices`` picks the rows of a sharded parameter that a rank holds, and
+the state of a DTensor parameter (FSDP2, TP) is cut to the rank's piece on load, so a
+checkpoint saved at any layout resumes at any other.
 A legacy ``optimizer.pt`` is read with ``torch.load(weights_only=True)``; a pickle that
 needs more than tensors is refused, never executed.
 """
@@ -66,7 +68,10 @@ def load_optimizer_state(
     expert_slices: Optional[Dict[str, slice]] = None,
 ) -> None:
     """Inverse of :func:`optimizer_state_by_name`. ``expert_slices`` maps a sharded parameter's
-    name to the rows of the full tensor that this rank holds."""
+    name to the rows of the full tensor that this rank holds. The saved tensors are full; for
+    a DTensor parameter (FSDP2, TP) each becomes a DTensor of the parameter's mesh and
+    placements, this rank's piece cut locally (every rank holds the whole tensor: no
+    communication), which is what the optimizer's update needs beside a DTensor parameter."""
     params = dict(model.named_parameters())
     saved_class = meta.get("class")
     if saved_class is not None and saved_class != type(optimizer).__name__:
@@ -92,11 +97,25 @@ def load_optimizer_state(
         prefix = f"{name}::"
         for key in by_param.get(name, []):
             t = tensors[key]
-            if expert_slices and name in expert_slices and t.dim() > 0 and t.shape[0] != p.shape[0]:
-                t = t[expert_slices[name]]
-            state[key[len(prefix) :]] = t.to(p.device) if t.dim() > 0 else t
+            if t.dim() > 0:
+                if expert_slices and name in expert_slices and t.shape[0] != p.shape[0]:
+                    t = t[expert_slices[name]]  # this rank's experts [E/ep, ...]
+                t = _placed_like(key, t.to(p.device), p)
+            state[key[len(prefix) :]] = t
         if state:
             optimizer.state[p] = state
+
+
+def _placed_like(key: str, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``t`` (a full state tensor) laid out as the parameter ``p``: a DTensor with ``p``'s mesh
+    and placements when ``p`` is one (each rank keeps its own piece), else ``t`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(p, DTensor):
+        return t
+    if tuple(t.shape) != tuple(p.shape):
+        raise CheckpointError(f"optimizer state {key} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+    return distribute_tensor(t.contiguous(), p.device_mesh, p.placements, src_data_rank=None)
 
 
 def scheduler_state_json(scheduler: Any) -> Dict[str, Any]:

@@ -161,9 +161,17 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         return EXPERT_BACKENDS[_resolve_backend(backend or self.backend)](self, x_ND, tokens_per_expert)
 
+    def local_weights(self) -> tuple:
+        """``(w_in, w_out)`` as this rank multiplies by them: the parameters, or this rank's
+        pieces when they are DTensors (expert tensor parallelism splits them along the
+        intermediate dim, and its hooks sum the partial outputs; see
+        moe_lab.parallel.tensor_parallel.ExpertTensorParallel). A GLU's piece keeps the
+        ``[gate; up]`` row order, so ``_hidden`` splits it as the whole weight."""
+        return tuple(w.to_local() if hasattr(w, "to_local") else w for w in (self.w_in, self.w_out))
+
     def forward_eager(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Reference: loop over experts."""
-        w_in_EID, w_out_EDI = self.w_in, self.w_out
+        w_in_EID, w_out_EDI = self.local_weights()
         outs = []
         for e, x_nD in enumerate(torch.split(x_ND, tokens_per_expert.tolist(), dim=0)):
             h_nI = self._hidden(F.linear(x_nD, w_in_EID[e]))
@@ -174,7 +182,7 @@ class GroupedExperts(nn.Module):
 
     def forward_grouped(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Fast path: one grouped matmul per projection."""
-        w_in_EID, w_out_EDI = self.w_in, self.w_out  # I here is I_in (2I for GLU) for w_in
+        w_in_EID, w_out_EDI = self.local_weights()  # I here is I_in (2I for GLU) for w_in
         h_NI = self._hidden(contiguous_grad(grouped_matmul(x_ND, w_in_EID, tokens_per_expert)))
         return contiguous_grad(grouped_matmul(h_NI, w_out_EDI, tokens_per_expert))  # [N, D]
 

@@ -26,7 +26,7 @@ V vocab, E experts, L MoE layers.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -175,8 +175,25 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp: nn.Module = MoELayer(config) if self.is_moe else DenseMLP(config)
         self.dropout = nn.Dropout(config.dropout)
+        #: activation checkpointing's seam (set by moe_lab.training.activation_checkpointing):
+        #: ``checkpoint_fn(fn, *args)`` runs ``fn(*args)`` keeping fewer activations for backward
+        #: (e.g. torch.utils.checkpoint); used only when gradients are on. None: a plain call
+        self.checkpoint_fn: Optional[Callable[..., Any]] = None
 
     def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        token_mask_BS: Optional[torch.Tensor],
+        kv_cache: Optional[Any] = None,
+    ) -> Tuple[torch.Tensor, Optional[Dict[str, Any]]]:
+        if self.checkpoint_fn is not None and kv_cache is None and torch.is_grad_enabled():
+            return self.checkpoint_fn(self._forward, x_BSD, cos, sin, attn_mask, token_mask_BS)
+        return self._forward(x_BSD, cos, sin, attn_mask, token_mask_BS, kv_cache)
+
+    def _forward(
         self,
         x_BSD: torch.Tensor,
         cos: torch.Tensor,

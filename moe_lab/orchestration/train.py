@@ -43,6 +43,7 @@ from ..jobs import JobSpec, record_job
 from ..parallel.expert_parallel import validate_parallel_sizes
 from ..parallel.mesh import ParallelDims
 from ..parallel.runtime import DistributedRuntime, parallel_runtime
+from ..parallel.tensor_parallel import TPSharedStream
 from ..runner import TrainTask, job_task, run_task
 from ..checkpoint import Checkpoint, latest_checkpoint, load_optimizer_state, optimizer_state_by_name
 from ..training.loop import MoETrainer
@@ -210,18 +211,27 @@ def train_worker(config: Dict[str, Any]) -> None:
         resume_dir = tempfile.mkdtemp(prefix="moe-lab-resume-")
         ray_ckpt.to_directory(resume_dir)
         changes["resume_from"] = resume_dir
+    tp_stream: Optional[TPSharedStream] = None
     if config["streaming"]:
         from .data import RayDataStream
 
         world = ray.train.get_context().get_world_size()
-        dp = task.dims.resolve(world).dp if task.dims is not None else world  # every worker is a data-parallel rank
-        per_rank = task.training.batch_size // dp
-        changes["train_data"] = RayDataStream(ray.train.get_dataset_shard("train"), per_rank, seed=task.training.seed,
-                                              pad_token_id=getattr(task.tokenizer, "pad_token_id", None) or 0)
+        dims = task.dims.resolve(world) if task.dims is not None else None
+        dp = dims.dp if dims is not None else world  # every worker is a data-parallel rank
+        tp = dims.tp if dims is not None else 1
+        pad = getattr(task.tokenizer, "pad_token_id", None) or 0
+        # under TP each worker reads 1/tp of its replica's micro-batch; the TP group joins them
+        stream: Any = RayDataStream(ray.train.get_dataset_shard("train"), task.training.batch_size // (dp * tp),
+                                    seed=task.training.seed, pad_token_id=pad)
+        if tp > 1:
+            stream = tp_stream = TPSharedStream(stream, pad_token_id=pad)
+        changes["train_data"] = stream
     task = dataclasses.replace(task, **changes)
     packed = ray.get(config["optimizer"]) if config.get("optimizer") is not None else None
 
     def objects(model: nn.Module, runtime: Runtime) -> Dict[str, Any]:
+        if tp_stream is not None:  # the mesh exists now
+            tp_stream.bind(runtime.groups.mesh.group("tp"))
         if packed is None:
             return {}
         optimizer, scheduler = unpack_optimizer(packed, model, runtime.expert_slices(model))
@@ -334,9 +344,14 @@ class DistributedMoETrainer(MoETrainer):
             data-parallel ranks; divides them and num_experts).
         model_parallel_size: tensor-parallel ranks (DTensor TP + sequence parallelism, the
             loss from vocabulary-sharded logits); the TP ranks of a replica see the same batch.
-        pipeline_parallel_size: must be 1 (pipeline parallelism is not supported yet).
-        **kwargs: ``dp_shard`` (FSDP2 shards, 1: none; not with ``model_parallel_size > 1``
-            yet), MoETrainer options (``optimizer`` and ``scheduler`` as instances, classes or
+        pipeline_parallel_size: pipeline stages (``torch.distributed.pipelining``, stages cut at
+            decoder layers; with data and expert parallelism, not with ``model_parallel_size``
+            or ``dp_shard`` > 1); the schedule is ``pp_schedule`` (``"1f1b"``, the default,
+            needs ``gradient_accumulation_steps >= pipeline_parallel_size``;
+            ``"interleaved_1f1b"``; ``"gpipe"``). The stages of a replica see the same batch.
+        **kwargs: ``dp_shard`` (FSDP2 shards, 1: none; with ``model_parallel_size > 1`` FSDP
+            shards the TP DTensors: a 2-D mesh), ``pp_schedule``,
+            MoETrainer options (``optimizer`` and ``scheduler`` as instances, classes or
             factories: each worker rebuilds them on its own parameters, same class and
             hyperparameters per parameter group) plus ``use_gpu`` (False), ``resources_per_worker``
             (``{"CPU": n, ...}``), ``address`` (a Ray cluster; default: local),
@@ -357,8 +372,12 @@ class DistributedMoETrainer(MoETrainer):
         #: the layout, resolved; data-parallel ranks: ``self.dims.dp``
         self.dims = validate_parallel_sizes(
             world_size, model.config.num_experts, expert_parallel_size, model_parallel_size, pipeline_parallel_size,
-            dp_shard=kwargs.pop("dp_shard", 1), config=model.config,
+            dp_shard=kwargs.pop("dp_shard", 1), config=model.config, pp_schedule=kwargs.pop("pp_schedule", "1f1b"),
         )
+        accum = kwargs.get("gradient_accumulation_steps", 1)
+        if self.dims.pp > 1 and self.dims.pp_schedule == "1f1b" and accum < self.dims.pp:
+            raise DistributedError(f"pp_schedule '1f1b' needs gradient_accumulation_steps ({accum}) >= "
+                                   f"pipeline_parallel_size ({self.dims.pp}): the pipeline's micro-batches are the step's")
         self.world_size = world_size
         self.expert_parallel_size = expert_parallel_size
         self.scaling = RayScaling(
@@ -379,7 +398,12 @@ class DistributedMoETrainer(MoETrainer):
         """Train on the Ray workers with the settings in ``self.args`` (see :meth:`MoETrainer.train`).
 
         ``train_dataset`` may also be a ``ray.data.Dataset`` of packed blocks (streamed with
-        Ray Data; needs ``max_steps``)."""
+        Ray Data; needs ``max_steps``). ``resume_from`` (a checkpoint directory or "latest") may
+        come from any layout: a full checkpoint (each worker cuts the full model and optimizer
+        state to its own pieces) or a sharded one (each worker reads its own pieces with
+        torch.distributed.checkpoint). Step checkpoints are reported to Ray Train as written
+        (sharded ones by rank 0 as one directory: the workers share this machine's, or a
+        shared, file system); the final one is the full model."""
         import ray.data
 
         args = self.args
@@ -391,15 +415,16 @@ class DistributedMoETrainer(MoETrainer):
         out.mkdir(parents=True, exist_ok=True)
         if resume_from == "latest":
             resume_from = latest_checkpoint(out)
-        if resume_from and self.dims.sharded:
-            raise DistributedError(
-                f"resume_from with dp_shard ({self.dims.dp_shard}) or model_parallel_size ({self.dims.tp}) > 1 is not "
-                "supported yet; resume with expert and data parallelism (any layout's checkpoint is the full model)"
-            )
         streaming = isinstance(train_dataset, ray.data.Dataset)
-        if streaming and self.dims.tp > 1:
-            raise DistributedError(f"streaming (Ray Data) with model_parallel_size ({self.dims.tp}) > 1 is not "
+        if streaming and self.dims.pp > 1:
+            raise DistributedError(f"streaming (Ray Data) with pipeline_parallel_size ({self.dims.pp}) > 1 is not "
                                    "supported yet: Ray Data gives every worker its own batches")
+        if streaming and self.dims.tp > 1 and args.batch_size % (self.dims.dp * self.dims.tp):
+            raise DistributedError(
+                f"streaming (Ray Data) with model_parallel_size ({self.dims.tp}): batch_size ({args.batch_size}) "
+                f"must be divisible by the data-parallel ranks ({self.dims.dp}) × model_parallel_size ({self.dims.tp}) = "
+                f"{self.dims.dp * self.dims.tp}; each TP rank reads its share of its replica's batch from the stream"
+            )
         task = TrainTask(
             model_config=self.model.config.to_dict(),
             training=args.replace(output_dir=str(out)),
@@ -443,9 +468,6 @@ def run_job_ray(spec: JobSpec, output_dir: Optional[str] = None, resume: bool = 
 
     out = Path(output_dir or spec.training.output_dir).expanduser().resolve()
     sc = spec.scaling
-    if resume and sc.parallel_dims().sharded and latest_checkpoint(out) is not None:
-        raise ConfigError(f"--resume with scaling.dp_shard ({sc.dp_shard}) or scaling.tp ({sc.tp}) > 1 is not supported "
-                          "yet; resume with --set scaling.dp_shard=1 --set scaling.tp=1 (the checkpoint is the full model)")
     out.mkdir(parents=True, exist_ok=True)
     record_job(spec, out)
     t0 = time.perf_counter()

@@ -68,9 +68,10 @@ def validate_parallel_sizes(
     pipeline_parallel_size: int = 1,
     dp_shard: int = 1,
     config: Any = None,
+    pp_schedule: str = "1f1b",
 ) -> ParallelDims:
     """The resolved :class:`ParallelDims` of the API reference's sizes (``model_parallel_size``
-    is TP, ``pipeline_parallel_size`` PP, ``dp_shard`` FSDP); DistributedError naming the
+    is TP, ``pipeline_parallel_size`` PP run by ``pp_schedule``, ``dp_shard`` FSDP); DistributedError naming the
     numbers, by those names, when they cannot work together (or with ``config``, a MoEConfig)."""
     for name, v in (
         ("world_size", world_size),
@@ -81,7 +82,8 @@ def validate_parallel_sizes(
     ):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise DistributedError(f"{name} must be a positive int, got {v!r}")
-    dims = ParallelDims(dp_shard=dp_shard, tp=model_parallel_size, pp=pipeline_parallel_size, ep=expert_parallel_size)
+    dims = ParallelDims(dp_shard=dp_shard, tp=model_parallel_size, pp=pipeline_parallel_size, ep=expert_parallel_size,
+                        pp_schedule=pp_schedule)
     if dp_shard * model_parallel_size * pipeline_parallel_size == 1 and world_size % expert_parallel_size:
         # data + expert parallelism only: the reference's own message
         problems = [f"world_size ({world_size}) must be divisible by expert_parallel_size ({expert_parallel_size})"]

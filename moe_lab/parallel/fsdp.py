@@ -8,6 +8,15 @@ experts (as torchtitan): dense parameters shard over the dense data-parallel mes
 expert-data-parallel mesh (``efsdp = dp_shard / ep``), after expert parallelism has already
 split them by expert. The root unit holds the embedding, the final norm and the LM head.
 
+With tensor parallelism too (``dp_shard > 1`` and ``tp > 1``, torchtitan's FSDP x TP), TP
+has already made the parameters DTensors over the ``tp`` mesh; ``fully_shard`` over the
+``dp_shard`` mesh (cut from the same world mesh) shards them again, so each becomes a DTensor
+over the 2-D ``(dp_shard, tp)`` mesh (a dimension that TP split is split again as
+``_StridedShard``). FSDP2 turns each gradient into its parameter's TP placements before the
+reduce-scatter: the sequence-parallel norms' ``Partial`` gradients are summed over ``tp``, the
+vocab-parallel embedding's ``Replicate`` one is cut to the rank's rows. The experts are not
+TP-split (they run on the gathered sequence); they shard over their expert-FSDP mesh as above.
+
 Gradients are *summed* (never averaged) over the ranks: each rank's loss is its share of the
 global loss (see :mod:`moe_lab.training.step`), so FSDP's reduce-scatter must not divide.
 Sum-only reductions also run on gloo, which has no PREMUL_SUM or AVG.

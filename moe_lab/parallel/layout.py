@@ -5,9 +5,13 @@
 
 The order is torchtitan's: build the device mesh (:class:`~moe_lab.parallel.mesh.ParallelMesh`),
 shard the experts by expert over the EP group (the model's seam), tensor parallelism with the
-plan of :func:`~moe_lab.parallel.tensor_parallel.tp_plan` (:mod:`moe_lab.parallel.tensor_parallel`),
-then FSDP2 per decoder layer (:mod:`moe_lab.parallel.fsdp`). Every rank calls it with the same arguments (it is a
-collective). The model is changed in place and returned.
+plan of :func:`~moe_lab.parallel.tensor_parallel.tp_plan` (:mod:`moe_lab.parallel.tensor_parallel`;
+with ``dims.expert_tp`` the experts' FFNs are split over TP too),
+activation checkpointing (:mod:`moe_lab.training.activation_checkpointing`), then FSDP2 per
+decoder layer (:mod:`moe_lab.parallel.fsdp`), and last the pipeline cut
+(:mod:`moe_lab.parallel.pipeline`: this rank's stages kept, the other layers pruned; with
+``pp > 1``, ``model.pipeline`` runs the step). Every rank calls it with the same arguments (it
+is a collective). The model is changed in place and returned.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -22,6 +27,7 @@ from ..errors import DistributedError
 from .fsdp import FSDPSettings, apply_fsdp
 from .mesh import ParallelDims, ParallelGroups, ParallelMesh
 from .tensor_parallel import apply_tp, tp_plan
+from ..training.activation_checkpointing import apply_activation_checkpointing, check_activation_checkpointing
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,13 @@ class ParallelOptions:
 
     fsdp_mixed_precision: bool = False  #: FSDP: bf16 parameters and compute, fp32 gradient reduction
     fsdp_reshard_after_forward: bool = True  #: FSDP: free gathered parameters after each layer's forward
+    #: recompute decoder layers in backward: "none", "full" or "selective" (every
+    #: ``activation_checkpointing_every``-th layer); see moe_lab.training.activation_checkpointing
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
+
+    def __post_init__(self) -> None:
+        check_activation_checkpointing(self.activation_checkpointing, self.activation_checkpointing_every)
 
     def fsdp_settings(self) -> FSDPSettings:
         return FSDPSettings(self.fsdp_mixed_precision, self.fsdp_reshard_after_forward)
@@ -58,8 +71,15 @@ def parallelize(model: nn.Module, dims: Optional[ParallelDims] = None, options: 
     if groups.ep_group is not None:
         model.set_expert_parallel_group(groups.ep_group)
     if dims.tp > 1:
-        apply_tp(model, pmesh.tp_mesh, tp_plan(model.config))
+        apply_tp(model, pmesh.tp_mesh, tp_plan(model.config, expert_tp=dims.expert_tp))
+    if options.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, options.activation_checkpointing, options.activation_checkpointing_every)
     if dims.fsdp:
         apply_fsdp(model, pmesh, options.fsdp_settings())
+    if dims.pp > 1:
+        from .pipeline import apply_pipeline
+
+        dev = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+        apply_pipeline(model, pmesh, dims.pp_schedule, dev)
     model.parallel_groups = groups
     return model

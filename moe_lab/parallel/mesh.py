@@ -21,7 +21,9 @@ unflattened so that expert parameters get their own expert-data-parallel mesh:
 
 Examples (4 ranks): ``dp_shard=4`` is FSDP 4; ``dp_shard=4, ep=2`` shards dense parameters
 over 4 ranks and each expert over 2 (EP 2 × expert-FSDP 2); ``dp_replicate=2, dp_shard=2`` is
-HSDP; ``dp_replicate=4, ep=2`` is today's data + expert parallelism (no FSDP).
+HSDP; ``dp_replicate=4, ep=2`` is today's data + expert parallelism (no FSDP);
+``dp_shard=2, tp=2`` is FSDP x TP (FSDP2 over the ``dp_shard`` mesh shards TP's DTensors: a 2-D
+``(dp_shard, tp)`` mesh, as torchtitan), with ``ep=2`` the experts also shard over the dp_shard ranks.
 
 Process groups are created once, by :func:`torch.distributed.device_mesh.init_device_mesh`
 inside each worker (gloo on CPU, NCCL on GPU); every rank builds the same mesh in the same

@@ -48,11 +48,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _split_dims(t: torch.Tensor) -> List[str]:
-    """The mesh dimensions along which a DTensor is sharded (its pieces are disjoint there)."""
+    """The mesh dimensions along which a DTensor is sharded (its pieces are disjoint there).
+    FSDP over TP shards a TP-sharded dim again with ``_StridedShard`` (not an ``is_shard()``)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
     if not _is_dtensor(t):
         return []
     names = t.device_mesh.mesh_dim_names or ()
-    return [names[i] for i, p in enumerate(t.placements) if p.is_shard()]
+    return [names[i] for i, p in enumerate(t.placements) if p.is_shard() or isinstance(p, _StridedShard)]
 
 
 class DistributedRuntime(Runtime):
@@ -68,6 +71,8 @@ class DistributedRuntime(Runtime):
         nccl = dist.get_backend() == "nccl"
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.plan = ParameterPlan.of(model)
+        #: pipeline parallelism: this rank's stages and schedule (None without pp)
+        self.pipeline = getattr(model, "pipeline", None)
 
     @property
     def loss_sum_fn(self) -> Optional[Any]:
@@ -117,7 +122,9 @@ class DistributedRuntime(Runtime):
         dist.barrier()
 
     def _full(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """The full tensor of a parameter's (or state's) piece: DTensor gathered, experts over EP."""
+        """The full tensor of a parameter's (or state's) piece: DTensor gathered, experts over
+        EP; on CPU, and always a new tensor (never the live one that the next step updates)."""
+        live = t
         if _is_dtensor(t):
             t = t.full_tensor()
         group = self.groups.ep_group
@@ -125,12 +132,17 @@ class DistributedRuntime(Runtime):
             parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, t.contiguous(), group=group)
             t = torch.cat(parts, dim=0)
-        return t.detach().cpu()
+        # a replicated DTensor's full_tensor() is its live local tensor: copy that one too
+        shared = t is live or (_is_dtensor(live) and t.untyped_storage().data_ptr() == _local(live).untyped_storage().data_ptr())
+        return t.detach().to("cpu", copy=shared)
 
     def full_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         if not self.dims.sharded:
             return ExpertParallelism.full_state_dict(model)
-        return {name: self._full(name, t) for name, t in model.state_dict().items()}
+        state = {name: self._full(name, t) for name, t in model.state_dict().items()}
+        if self.pipeline is not None:  # every stage's parameters, under their one-process names
+            state = self.pipeline.gather(state)
+        return state
 
     def full_optimizer_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
@@ -140,9 +152,14 @@ class DistributedRuntime(Runtime):
         from ..checkpoint import optimizer_state_by_name
 
         def full(name: str, val: torch.Tensor) -> torch.Tensor:
-            return self._full(name, val) if val.dim() > 0 else _local(val).detach().cpu()
+            # a copy of a scalar (AdamW's step), never the live tensor the next step increments
+            return self._full(name, val) if val.dim() > 0 else _local(val).detach().to("cpu", copy=True)
 
-        return optimizer_state_by_name(model, optimizer, full)
+        tensors, meta = optimizer_state_by_name(model, optimizer, full)
+        if self.pipeline is not None:  # every stage's state
+            tensors = dict(sorted(self.pipeline.gather(tensors).items()))  # one process's (sorted) order
+            meta = self.pipeline.gather_optimizer_meta(meta)
+        return tensors, meta
 
     def expert_slices(self, model: nn.Module) -> Optional[Dict[str, slice]]:
         """Rows of the full expert tensors held here; ``{}`` when the parameters are sharded

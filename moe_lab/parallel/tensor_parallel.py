@@ -15,13 +15,19 @@ The plan (Megatron-style, as torchtitan writes it for Llama):
   output is gathered before it is split in two (the halves are not sharded alike), so only
   ``down`` runs on a local input there;
 - MoE layers: the router and the experts run on the whole (gathered) sequence on every TP
-  rank, replicated; expert parallelism shards the experts over the ``ep`` ranks;
+  rank, replicated; expert parallelism shards the experts over the ``ep`` ranks. With expert
+  tensor parallelism (``tp_plan(config, expert_tp=True)``, ``ParallelDims(expert_tp=True)``)
+  the stacked experts are split too, :class:`ExpertTensorParallel`: every expert's ``w_in``
+  column-parallel and ``w_out`` row-parallel over the intermediate dim (DTensors), each rank
+  computes its partial output and an all-reduce over TP sums them (Megatron's expert TP);
 - ``lm_head``: column-parallel with the logits left sharded over the vocabulary
   (``Shard(-1)``); :func:`vocab_parallel_loss_sum` computes the cross-entropy from the local
   shard without gathering the logits. In eval mode the logits are gathered (a plain tensor,
   as in one process), so evaluation needs nothing of TP.
 
-Every TP rank of a data-parallel rank sees the same batch. Weights hold their global shapes
+Every TP rank of a data-parallel rank sees the same batch; a stream that gives each worker
+its own batches (Ray Data) goes through :class:`TPSharedStream`, which joins the TP ranks'
+shares into that one batch (:func:`gather_batch`). Weights hold their global shapes
 as DTensors, so the state dict keeps its names and ``full_tensor()`` gives the one-process
 tensors.
 """
@@ -33,13 +39,15 @@ from typing import Any, Dict
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..constants import IGNORE_INDEX
 
 
-def tp_plan(config: Any) -> Dict[str, Any]:
+def tp_plan(config: Any, expert_tp: bool = False) -> Dict[str, Any]:
     """The tensor-parallel plan of an :class:`~moe_lab.MoEModel` with ``config``: module
-    name patterns (``fnmatch``) to DTensor parallel styles."""
+    name patterns (``fnmatch``) to DTensor parallel styles. ``expert_tp``: split every
+    MoE layer's experts over TP too (:class:`ExpertTensorParallel`)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -73,6 +81,8 @@ def tp_plan(config: Any) -> Dict[str, Any]:
                 input_layouts=(seq, None), desired_input_layouts=(Replicate(), None), use_local_input=True,
                 output_layouts=(Replicate(), None), desired_output_layouts=(seq, None), use_local_output=False,
             )
+            if expert_tp:
+                plan[f"layers.{i}.mlp.experts"] = ExpertTensorParallel()
         else:
             # a GLU splits its fused output in two: keep it a DTensor (gathered by the split)
             plan[f"layers.{i}.mlp.up"] = ColwiseParallel(input_layouts=seq, use_local_output=not glu)
@@ -107,6 +117,57 @@ def _full_logits_in_eval(module: nn.Module, args: Any, out: Any) -> Any:
     if not module.training and isinstance(out, DTensor):
         return out.full_tensor()
     return out
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity in forward; all-reduce (sum) in backward: the input feeds every rank's piece
+    of a split computation, so its gradient is the sum of the pieces' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+class ExpertTensorParallel(ParallelStyle):
+    """Expert tensor parallelism for a :class:`~moe_lab.model.experts.GroupedExperts` (a plan
+    style, as ``ColwiseParallel``): every expert's FFN is split over the TP ranks along the
+    intermediate dim I.
+
+    - ``w_in`` ``[E, I_in, D]`` is column-parallel: FFN ``Shard(1)``; a GLU's fused
+      ``[gate; up]`` rows ``_StridedShard(1, split_factor=2)``, so rank r holds gate rows and
+      up rows of the same slice of I (``[gate_r; up_r]``, which the module splits in two as
+      the whole weight);
+    - ``w_out`` ``[E, D, I]`` is row-parallel: ``Shard(2)``;
+    - the module's input (every rank's whole dispatched rows ``[N, D]``) enters by an identity
+      whose backward sums the input gradient over TP, and its partial output ``[N, D]`` is
+      summed over TP (an all-reduce) before the combine; everything around stays replicated.
+
+    The weights are DTensors with their global shapes, so the state dict, ``full_tensor()``,
+    the gradient norm (buckets by split dims) and optimizer-state loading see them as every
+    other TP weight; the module multiplies by the local pieces (``GroupedExperts.local_weights``).
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        glu = getattr(module.expert_type, "value", module.expert_type) == "glu"
+        placements = {"w_in": _StridedShard(1, split_factor=2) if glu else Shard(1), "w_out": Shard(2)}
+        for name, placement in placements.items():
+            w = getattr(module, name)
+            module.register_parameter(name, nn.Parameter(distribute_tensor(
+                w.data, device_mesh, [placement], src_data_rank=getattr(self, "src_data_rank", 0))))
+        group = device_mesh.get_group()
+        module.register_forward_pre_hook(lambda m, args: (_CopyToGroup.apply(args[0], group), *args[1:]))
+        module.register_forward_hook(lambda m, args, out: _SumOverGroup.apply(out, group))
+        return module
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -152,3 +213,67 @@ def vocab_parallel_loss_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -
     target_N = local_NV.gather(1, idx_N.unsqueeze(1)).squeeze(1) * mine_N
     target_N = _SumOverGroup.apply(target_N, group)
     return ((lse_N - target_N) * valid_N).sum()
+
+
+#: what pads each column of a micro-batch (columns not named here pad with 0)
+_PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0}
+
+
+def gather_batch(batch: Dict[str, torch.Tensor], group: Any, pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+    """The micro-batches of every rank of ``group`` joined along the rows, in rank order: the
+    same batch on every rank (a collective over ``group``). Each rank's ``[B, S_r]`` tensors
+    (``input_ids``, ``attention_mask``, ``labels``, ...) are right-padded to the longest
+    ``S`` of the group first: ``input_ids`` with ``pad_token_id``, ``attention_mask`` with 0,
+    ``labels`` with -100, so the padding is masked out of attention and loss. Every rank
+    must pass the same columns with the same number of rows."""
+    from ..errors import DistributedError
+
+    keys = sorted(batch)
+    rows, seq = batch[keys[0]].shape[0], batch[keys[0]].shape[-1]
+    nccl = dist.get_backend(group) == "nccl"  # NCCL moves only CUDA tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    shape = torch.tensor([rows, seq, len(keys)], device=device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shapes, shape, group=group)
+    if any(int(s[0]) != rows or int(s[2]) != len(keys) for s in shapes):
+        raise DistributedError(f"the ranks of a group must share micro-batches of the same rows and columns; got "
+                               f"[rows, length, columns] {[s.tolist() for s in shapes]}")
+    longest = max(int(s[1]) for s in shapes)
+    out = {}
+    for key in keys:
+        t_BS = batch[key]
+        if t_BS.dim() != 2 or t_BS.shape != (rows, seq):
+            raise DistributedError(f"micro-batch column {key!r} has shape {tuple(t_BS.shape)}, "
+                                   f"expected [{rows}, {seq}]")
+        pad = pad_token_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
+        t_BS = torch.nn.functional.pad(t_BS, (0, longest - seq), value=pad).to(device).contiguous()
+        parts = [torch.empty_like(t_BS) for _ in shapes]
+        dist.all_gather(parts, t_BS, group=group)
+        out[key] = torch.cat(parts, dim=0).to(batch[key].device)  # [B * group size, longest]
+    return out
+
+
+class TPSharedStream:
+    """A :class:`~moe_lab.training.batches.BatchStream` for tensor parallelism over a stream that
+    gives every worker its own batches (Ray Data): each TP rank reads ``1 / tp`` of its replica's
+    micro-batch from ``stream`` and :func:`gather_batch` joins them, so the TP ranks of a
+    replica train on the same batch and no worker's share of the stream is skipped.
+
+    ``bind(group)`` gives it the TP group once the mesh exists (before the first epoch)."""
+
+    def __init__(self, stream: Any, pad_token_id: int = 0) -> None:
+        self.stream = stream
+        self.pad_token_id = pad_token_id
+        self.group: Any = None
+
+    def bind(self, group: Any) -> "TPSharedStream":
+        self.group = group
+        return self
+
+    def iter_epoch(self, epoch: int) -> Any:
+        from ..errors import DistributedError
+
+        if self.group is None:
+            raise DistributedError("TPSharedStream needs its TP group: call bind(group) before training")
+        for batch in self.stream.iter_epoch(epoch):
+            yield gather_batch(batch, self.group, self.pad_token_id)

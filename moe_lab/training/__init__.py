@@ -6,6 +6,7 @@ the runtime abstraction launchers plug into.
 """
 
 from ..checkpoint import latest_checkpoint, load_pretrained_moe, save_moe_checkpoint
+from .activation_checkpointing import apply_activation_checkpointing
 from .loop import MoETrainer
 from .results import EvalResult, TrainingResult
 from .runtime import Runtime
@@ -18,6 +19,7 @@ __all__ = [
     "StepSettings",
     "StepStats",
     "TrainingResult",
+    "apply_activation_checkpointing",
     "forward_loss",
     "latest_checkpoint",
     "load_pretrained_moe",

@@ -61,9 +61,13 @@ def evaluate_model(
             batch["attention_mask"].zero_()
             batch["labels"].fill_(IGNORE_INDEX)
         labels = batch["labels"].to(dev)
-        with settings.autocast():
-            logits, info = model(batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                                 return_routing_info=True)
+        pipeline = getattr(rt, "pipeline", None)
+        if pipeline is not None:  # pipeline stages: one after another (moe_lab.parallel.pipeline)
+            logits, info = pipeline.forward(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), settings)
+        else:
+            with settings.autocast():
+                logits, info = model(batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                                     return_routing_info=True)
         totals[0] += float(lm_loss_sum(logits, labels))
         totals[1] += float((labels[:, 1:] != IGNORE_INDEX).sum())
         c = info["expert_counts"].detach().cpu().to(torch.float64)

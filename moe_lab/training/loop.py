@@ -20,7 +20,8 @@ the number of ranks. Resume restores weights, optimizer, schedule, RNG and data 
 
 Outputs in ``output_dir``: ``metrics.jsonl`` (one line per logging step, with per-layer
 routing health), TensorBoard events in ``tensorboard/``, checkpoints in
-``checkpoints/step-N/`` and the final model in ``model/``.
+``checkpoints/step-N/`` (full, or sharded with torch.distributed.checkpoint:
+``training.checkpoint_format``) and the final model in ``model/`` (always full).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from ..checkpoint import (
     prune_checkpoints,
     scheduler_state_json,
     write_checkpoint,
+    write_sharded_checkpoint,
 )
+from .activation_checkpointing import apply_activation_checkpointing
 from .evaluate import evaluate_model
 from .fast_paths import apply_fast_paths, chunked_head_loss, lm_loss_sum
 from .optim import build_optimizer, build_scheduler, check_optimizer_spec, check_scheduler_spec
@@ -120,6 +123,7 @@ class MoETrainer:
         self.scheduler_spec: Any = scheduler
         self.optimizer: Optional[torch.optim.Optimizer] = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
         self.scheduler: Any = scheduler if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) else None
+        self._apply_activation_checkpointing()
         amp_dtype, scaler = _mixed_precision(self.args.mixed_precision, self.device)
         loss_fn = apply_fast_paths(self.model, self.device) if self.args.fast_paths else lm_loss_sum
         self.settings = StepSettings(self.device, amp_dtype, scaler, self.args.max_grad_norm, loss_fn,
@@ -129,6 +133,13 @@ class MoETrainer:
         #: (epoch, micro-batch in epoch) after the last step: where a resume continues
         self.position: Tuple[int, int] = (0, 0)
         self.routing_totals: Optional[torch.Tensor] = None  # [L, E] cumulative expert counts
+
+    def _apply_activation_checkpointing(self) -> None:
+        """Checkpoint the decoder layers as ``args.activation_checkpointing`` says; ``"none"``
+        leaves the model as it is (a layout's ``parallelize`` may have set it)."""
+        if self.args.activation_checkpointing != "none":
+            apply_activation_checkpointing(self.model, self.args.activation_checkpointing,
+                                           self.args.activation_checkpointing_every)
 
     @classmethod
     def from_config(cls, model: nn.Module, config: TrainingConfig, **objects: Any) -> "MoETrainer":
@@ -231,6 +242,7 @@ class MoETrainer:
             clean_stale_temporaries(out / "checkpoints")
             clean_stale_temporaries(out)
         torch.manual_seed(args.seed + rt.rank)
+        self._apply_activation_checkpointing()  # train() may have changed it
         self.setup_optimizer(args.learning_rate, args.warmup_steps, total_steps)
         self.global_step, epoch, micro = 0, 0, 0
         resume = latest_checkpoint(out) if resume_from == "latest" else resume_from
@@ -277,7 +289,7 @@ class MoETrainer:
                 eval_perplexity=ev.perplexity if ev else None, steps_run=self.global_step - first_step,
             )
             self.save_checkpoint(out / "model", epoch, micro, metrics={"final": True},
-                                 extra_files={RESULT_FILE: result.to_dict()})
+                                 extra_files={RESULT_FILE: result.to_dict()}, sharded=False)
         finally:
             logger_.close()
         return result
@@ -336,10 +348,30 @@ class MoETrainer:
             "global_step": self.global_step,
         }
 
+    @property
+    def checkpoint_sharded(self) -> bool:
+        """Whether step checkpoints are written sharded (``args.checkpoint_format``; "auto":
+        when the runtime's layout shards the parameters: dp_shard, tp or pp > 1)."""
+        fmt = self.args.checkpoint_format
+        if fmt == "auto":
+            dims = getattr(self.runtime, "dims", None)
+            return bool(dims is not None and dims.sharded)
+        return fmt == "sharded"
+
     def _write(self, path: Path, with_training_state: bool, epoch: int = 0, micro: int = 0,
-               extra_files: Optional[Dict[str, Any]] = None) -> Path:
-        """Gather the (possibly sharded) state on every rank; rank 0 writes it atomically."""
+               extra_files: Optional[Dict[str, Any]] = None, sharded: bool = False) -> Path:
+        """Write a checkpoint atomically (a collective). Full: gather the (possibly sharded)
+        state on every rank, rank 0 writes it. Sharded: every rank writes its own pieces of
+        the model and optimizer with torch.distributed.checkpoint, nothing is gathered."""
         rt = self.runtime
+        if sharded:
+            write_sharded_checkpoint(
+                path, self.model, self.optimizer if with_training_state else None,
+                scheduler_state_json(self.scheduler) if (with_training_state and self.scheduler is not None) else None,
+                trainer_state(self.global_step, epoch, micro, self.total_steps, self.args) if with_training_state else None,
+                self._routing_stats(), tokenizer=self.tokenizer, extra_files=extra_files,
+            )
+            return path
         model_state = rt.full_state_dict(self.model)
         opt_t = opt_m = None
         if with_training_state and self.optimizer is not None:
@@ -355,12 +387,15 @@ class MoETrainer:
         return path
 
     def save_checkpoint(self, path: str | os.PathLike, epoch: int = 0, micro: int = 0,
-                        metrics: Optional[Dict[str, Any]] = None, extra_files: Optional[Dict[str, Any]] = None) -> Path:
+                        metrics: Optional[Dict[str, Any]] = None, extra_files: Optional[Dict[str, Any]] = None,
+                        sharded: Optional[bool] = None) -> Path:
         """Save model, optimiser, schedule and trainer state (a collective: all ranks call it).
 
         ``metrics`` travel with the checkpoint report to the launcher (Ray Train);
-        ``extra_files`` are JSON files written into the checkpoint."""
-        path = self._write(Path(path), True, epoch, micro, extra_files)
+        ``extra_files`` are JSON files written into the checkpoint; ``sharded``: the format
+        (None: :attr:`checkpoint_sharded`)."""
+        sharded = self.checkpoint_sharded if sharded is None else sharded
+        path = self._write(Path(path), True, epoch, micro, extra_files, sharded=sharded)
         self.runtime.report({"step": self.global_step, **(metrics or {})}, str(path))
         return path
 
@@ -375,13 +410,17 @@ class MoETrainer:
         if not path.is_dir():
             raise InputError(f"resume_from: checkpoint directory not found: {path}")
         ckpt = Checkpoint.open(path)
-        slices = self.runtime.expert_slices(self.model)
-        if slices is None:  # sharded experts were loaded, full, before sharding (runner.build_task_model)
-            ckpt.load_into(self.model)
         training = ckpt.training_state()
         if not training.trainer_state:
             raise InputError(f"resume_from: {path} has no trainer state; it is not a training checkpoint")
-        training.apply(self.model, self.optimizer, self.scheduler, slices)
+        if ckpt.is_sharded:  # DCP: each rank reads its own pieces of model and optimizer, at this layout
+            ckpt.load_sharded(self.model, self.optimizer)
+            training.apply(self.model, None, self.scheduler)
+        else:
+            slices = self.runtime.expert_slices(self.model)
+            if slices is None:  # sharded experts were loaded, full, before sharding (runner.build_task_model)
+                ckpt.load_into(self.model)
+            training.apply(self.model, self.optimizer, self.scheduler, slices)
         state = training.trainer_state
         self.global_step = int(state["global_step"])
         restore_rng(state.get("rng", {}), self.runtime.rank, self.args.seed, self.global_step)

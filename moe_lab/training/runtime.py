@@ -23,6 +23,10 @@ class Runtime:
     world_size = 1
     dp_rank = 0
     dp_size = 1
+    #: the layout's pipeline (:class:`moe_lab.parallel.pipeline.Pipeline`) when the model is cut
+    #: into pipeline stages: ``train_step`` then runs the micro-batches through its schedule
+    #: (``pipeline.forward_backward``) and evaluation through ``pipeline.forward``; None: the model itself
+    pipeline: Any = None
 
     @property
     def is_main(self) -> bool:

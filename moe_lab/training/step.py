@@ -16,7 +16,9 @@ What one step does:
    the loss of the whole step, so accumulation and data parallelism are exact for the LM
    loss and the z-loss, and for the balancing loss in the ``sequence`` and ``global_batch``
    scopes (in the ``micro_batch`` scope, as in Megatron-Core, it is the token-weighted mean
-   of the micro-batch values);
+   of the micro-batch values). Under pipeline parallelism the runtime's pipeline runs this
+   through its schedule instead (``runtime.pipeline.forward_backward``, the same losses,
+   see :mod:`moe_lab.parallel.pipeline`);
 3. sync gradients (a no-op in one process), clip, step the optimizer and the LR schedule;
    then move the aux-loss-free router biases, if any, by the step's global expert load.
 
@@ -143,6 +145,40 @@ def step_selection_counts(
     return runtime.all_reduce_sum(total)
 
 
+def _forward_backward(
+    model: nn.Module,
+    micro_batches: List[Dict[str, torch.Tensor]],
+    counts_A3: torch.Tensor,
+    labels_total: float,
+    real_total: float,
+    totals: StepTotals,
+    settings: StepSettings,
+    runtime: Runtime,
+) -> Tuple[list, list, list, list, list]:
+    """Forward and backward of every micro-batch in turn; per micro-batch: its loss, CE sum,
+    ``[3, L]`` layer statistics (this rank's shares), ``[L, E]`` expert counts and selections."""
+    losses, ce_sums, layer_stats, expert_counts, selections = [], [], [], [], []
+    for a, batch in enumerate(micro_batches):
+        loss, info, ce_sum = forward_loss(model, batch, labels_total, settings, runtime, totals)
+        if settings.scaler is not None:
+            settings.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        losses.append(loss.detach().float())
+        ce_sums.append(ce_sum.float())
+        # per-layer health as this rank's share of the step value (summing over ranks gives it):
+        # lb/z are already global shares of their micro-batch; dropped is a local fraction
+        w_local = float(counts_A3[a, 1]) / max(real_total, 1.0)
+        layer_stats.append(torch.stack([
+            info["lb_share_L"].detach().float(),
+            info["z_share_L"].detach().float(),
+            info["dropped_fraction"].detach().float() * w_local,
+        ]))
+        expert_counts.append(info["expert_counts"].detach())
+        selections.append(info["selection_counts"].detach())
+    return losses, ce_sums, layer_stats, expert_counts, selections
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -164,25 +200,12 @@ def train_step(
     scope = getattr(getattr(model, "config", None), "load_balancing_scope", "micro_batch")
     if scope == "global_batch" and len(micro_batches) > 1:
         totals.selection_counts_LE = step_selection_counts(model, micro_batches, settings, runtime)
-    losses, ce_sums, layer_stats, expert_counts, selections = [], [], [], [], []
-    for a, batch in enumerate(micro_batches):
-        loss, info, ce_sum = forward_loss(model, batch, labels_total, settings, runtime, totals)
-        if settings.scaler is not None:
-            settings.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        losses.append(loss.detach().float())
-        ce_sums.append(ce_sum.float())
-        # per-layer health as this rank's share of the step value (summing over ranks gives it):
-        # lb/z are already global shares of their micro-batch; dropped is a local fraction
-        w_local = float(counts_A3[a, 1]) / max(real_total, 1.0)
-        layer_stats.append(torch.stack([
-            info["lb_share_L"].detach().float(),
-            info["z_share_L"].detach().float(),
-            info["dropped_fraction"].detach().float() * w_local,
-        ]))
-        expert_counts.append(info["expert_counts"].detach())
-        selections.append(info["selection_counts"].detach())
+    pipeline = getattr(runtime, "pipeline", None)
+    if pipeline is not None:  # pipeline stages: the schedule runs the micro-batches
+        parts = pipeline.forward_backward(model, micro_batches, labels_total, real_total, totals, settings, runtime)
+    else:
+        parts = _forward_backward(model, micro_batches, counts_A3, labels_total, real_total, totals, settings, runtime)
+    losses, ce_sums, layer_stats, expert_counts, selections = parts
     runtime.sync_gradients(model)
     if settings.scaler is not None:
         settings.scaler.unscale_(optimizer)

@@ -208,10 +208,10 @@ def test_parallel_size_validation_names_numbers():
         validate_parallel_sizes(3, 4, 2)
     # model_parallel_size is tensor parallelism (the resolved layout comes back)
     assert validate_parallel_sizes(2, 4, 1, model_parallel_size=2).tp == 2
-    with pytest.raises(DistributedError, match="dp_shard \\(2\\) > 1 with model_parallel_size \\(2\\) > 1 is not supported yet"):
-        validate_parallel_sizes(4, 4, 1, model_parallel_size=2, dp_shard=2)
-    with pytest.raises(DistributedError, match="pipeline_parallel_size \\(2\\) > 1 is not supported yet"):
-        validate_parallel_sizes(2, 4, 1, pipeline_parallel_size=2)
+    assert validate_parallel_sizes(4, 4, 1, model_parallel_size=2, dp_shard=2).dp == 2  # FSDP 2 x TP 2
+    assert validate_parallel_sizes(2, 4, 1, pipeline_parallel_size=2).pp == 2  # pipeline parallelism
+    with pytest.raises(DistributedError, match="pipeline_parallel_size \\(2\\) > 1 with dp_shard \\(1\\) or model_parallel_size"):
+        validate_parallel_sizes(4, 4, 1, model_parallel_size=2, pipeline_parallel_size=2)
 
 
 def test_parallelize_without_process_group_fails():

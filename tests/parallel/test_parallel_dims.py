@@ -17,6 +17,8 @@ def test_resolve_fills_dp_replicate_and_builds_the_mesh_shape():
     dims = ParallelDims(tp=2, ep=2).resolve(8)  # 4 data-parallel ranks, plain replication
     assert (dims.dp_replicate, dims.dp, dims.mesh_shape) == (4, 4, (1, 2, 1, 2, 2))
     assert ParallelDims().resolve(3).dp == 3 and not ParallelDims().resolve(3).sharded
+    dims = ParallelDims(dp_shard=2, tp=2, ep=2).resolve(4)  # FSDP 2 x TP 2, experts over the dp_shard ranks
+    assert (dims.dp_replicate, dims.dp, dims.efsdp, dims.mesh_shape) == (1, 2, 1, (1, 1, 1, 2, 2))
 
 
 @pytest.mark.parametrize("dims, world, message", [
@@ -27,8 +29,8 @@ def test_resolve_fills_dp_replicate_and_builds_the_mesh_shape():
     (ParallelDims(tp=0), 2, r"tp must be a positive int, got 0"),
     (ParallelDims(dp_replicate=0), 2, r"dp_replicate must be a positive int or -1"),
     (ParallelDims(pp=True), 2, r"pp must be a positive int, got True"),
-    (ParallelDims(dp_shard=2, tp=2), 4, r"dp_shard \(2\) > 1 with tp \(2\) > 1 is not supported yet"),
-    (ParallelDims(pp=2), 2, r"pp \(2\) > 1 is not supported yet"),
+    (ParallelDims(pp=2, tp=2), 4, r"pp \(2\) > 1 with dp_shard \(1\) or tp \(2\) > 1 is not supported yet"),
+    (ParallelDims(pp=2, pp_schedule="zb"), 2, r"pp_schedule \('zb'\) must be one of \['1f1b', 'gpipe', 'interleaved_1f1b'\]"),
 ])
 def test_bad_dims_name_the_values(dims, world, message):
     with pytest.raises(DistributedError, match=message):

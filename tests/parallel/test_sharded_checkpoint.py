@@ -1,7 +1,11 @@
 """Sharded checkpoints (torch.distributed.checkpoint): saved at FSDP 2 x EP 2 after two of
-three steps, they load at EP 2 without FSDP, at TP 2 and in one process and continue exactly (the
-third step ends with the weights of an uninterrupted one-process run); consolidation gives
+three steps, they load at EP 2 without FSDP, at TP 2, at PP 2 and in one process and continue exactly (the
+third step ends with the weights of an uninterrupted one-process run); one saved at PP 2 loads in one
+process; consolidation gives
 the full config.json + model.safetensors that load_pretrained_moe reads; writing is atomic."""
+
+import pickle
+import shutil
 
 import pytest
 import torch
@@ -48,6 +52,15 @@ def _body(rank, world, cfg, ckpt, ref):
     load_sharded(model, opt, ckpt)
     losses = train(model, steps()[2:], runtime, opt, step_fn=tp_step)
     assert_matches("loaded at tp2", losses, runtime.full_state_dict(model), _step3_ref(ref))
+    # and at PP 2: each rank holds (loads, then saves) only its stage's parameters
+    torch.manual_seed(1)
+    model = MoEModel.from_config(cfg)
+    model.runtime = runtime = parallel_runtime(model, dims=ParallelDims(pp=2))
+    opt = make_optimizer(model)
+    load_sharded(model, opt, ckpt)
+    losses = train(model, steps()[2:], runtime, opt)
+    assert_matches("loaded at pp2", losses, runtime.full_state_dict(model), _step3_ref(ref))
+    save_sharded(model, opt, ckpt + "-pp2-step3")
 
 
 @pytest.mark.slow
@@ -57,6 +70,10 @@ def test_sharded_checkpoint_moves_between_layouts_and_consolidates(tmp_path):
     ckpt = tmp_path / "step-2"
     run_ranks(_body, 2, cfg, str(ckpt), ref)
     assert is_sharded_checkpoint(ckpt) and not list(tmp_path.glob(".tmp-*"))
+    # saved at PP 2 (two stages' disjoint pieces), loaded in one process: the final weights
+    model = MoEModel.from_config(cfg)
+    load_sharded(model, make_optimizer(model), tmp_path / "step-2-pp2-step3")
+    assert_matches("saved at pp2", _step3_ref(ref)["losses"], model.state_dict(), _step3_ref(ref))
     # one process: load, continue
     torch.manual_seed(1)
     model = MoEModel.from_config(cfg)
@@ -71,6 +88,16 @@ def test_sharded_checkpoint_moves_between_layouts_and_consolidates(tmp_path):
     full = load_pretrained_moe(str(out)).state_dict()
     for key, want in after2.items():
         torch.testing.assert_close(full[key], want, rtol=0, atol=0, msg=key)
+
+
+class _RunsCode:
+    """Pickles as a call of ``exec(code)``."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
 
 
 def test_sharded_save_is_atomic_and_load_checks_the_directory(tmp_path):
@@ -89,6 +116,14 @@ def test_sharded_save_is_atomic_and_load_checks_the_directory(tmp_path):
         torch.testing.assert_close(fresh.state_dict()[key], want, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
         load_sharded(fresh, None, tmp_path)
+    # DCP's .metadata is a pickle: a tampered one is refused, and what it names never runs
+    marker = tmp_path / "executed"
+    evil = tmp_path / "evil"
+    shutil.copytree(ckpt, evil)
+    (evil / "dcp" / ".metadata").write_bytes(pickle.dumps(_RunsCode(f"open({str(marker)!r}, 'w').close()")))
+    with pytest.raises(CheckpointError, match="not DCP metadata"):
+        load_sharded(fresh, None, evil)
+    assert not marker.exists()
     with pytest.raises(CheckpointError, match="no optimizer state"):
         save_sharded(model, None, tmp_path / "weights-only")
         load_sharded(fresh, make_optimizer(fresh), tmp_path / "weights-only")
