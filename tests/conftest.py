@@ -3,17 +3,9 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")  # as moe_lab's embedded clusters run
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # make test runs two pytest workers on a 2-core machine: one torch thread each (and in
-    # every process they start: CLI subprocesses, spawned gloo ranks), not two threads each
-    # spinning for the same two cores
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -16,3 +16,20 @@ def tiny_config(**overrides):
     )
     base.update(overrides)
     return MoEConfig(**base)
+
+
+def free_port() -> int:
+    """A free loopback port in [20000, 32000): above Ray's worker ports (10002-19999) and below
+    Linux's ephemeral range (32768+), where the Ray clusters of the other pytest worker bind
+    their own ports, so that none of them takes this one before the test binds it."""
+    import random
+    import socket
+
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in [20000, 32000)")

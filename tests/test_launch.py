@@ -2,10 +2,10 @@
 same weights as one process (moe_lab.launch and moe_lab.runner.run_job share run_task)."""
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from moe_lab import load_pretrained_moe
 from moe_lab.jobs import load_job
@@ -36,9 +36,7 @@ def _rank(rank, port, out, errors):
 
 
 def test_torchrun_ep2_equals_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     errors = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_rank, args=(port, str(tmp_path / "ep2"), errors), nprocs=2, join=True, start_method="spawn")
     assert errors.empty(), errors.get()

@@ -23,6 +23,7 @@ import time
 import pytest
 import requests
 import torch
+from helpers import free_port
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -41,9 +42,7 @@ SECURED_LIMIT = 4 * 1024  # of /secured: a body between the two passes the proxy
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _tiny_checkpoint(path, context=64):

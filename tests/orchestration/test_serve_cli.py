@@ -13,6 +13,7 @@ import requests
 import torch
 import yaml
 from typer.testing import CliRunner
+from helpers import free_port
 
 from moe_lab import MoEModel
 from moe_lab.cli import app
@@ -23,9 +24,7 @@ runner = CliRunner()
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="module")

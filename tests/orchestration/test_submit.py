@@ -5,7 +5,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from helpers import free_port
 
 from moe_lab.cli import app
 
@@ -21,10 +21,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 runner = CliRunner()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port() -> int:
+    return free_port()
 
 
 def _listening(port):

@@ -10,12 +10,12 @@ process to a relative error of 1e-5.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from moe_lab import MoEModel
 from moe_lab.training.step import StepSettings, train_step
@@ -98,12 +98,6 @@ def assert_matches(name: str, losses: List[float], state: Dict[str, torch.Tensor
         assert err <= TOL, f"{name}: {key} relative error {err:.1e}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, body: Callable, args: tuple, errors: Any) -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -124,7 +118,7 @@ def run_ranks(body: Callable, world: int, *args: Any, timeout: float = 300) -> N
     every failing rank's traceback."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, body, args, errors)) for r in range(world)]
     for p in procs:
         p.start()
