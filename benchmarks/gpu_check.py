@@ -6,7 +6,9 @@
    gradients, GLU and FFN experts, relative error ||fast - ref|| / ||ref||;
 2. compiled decoder layers + fused cross-entropy (the trainer's fast paths) vs eager: loss
    and gradients of one training step;
-3. the inference engine: fp32 greedy tokens equal step-by-step argmax of the full forward
+3. ``training.cuda_graphs`` vs the same compiled layers without graphs: losses and weights
+   after three steps of two accumulated micro-batches;
+4. the inference engine: fp32 greedy tokens equal step-by-step argmax of the full forward
    (mixed-length prompts joining mid-run); in bf16 the CUDA-graph step gives the same tokens
    as the eager step, seeded sampling is the same batched or alone, and each token the
    engine picks is the full forward's argmax up to a logit gap of 0.125 (bf16 reduction
@@ -74,6 +76,33 @@ def check_compiled_step(dev: torch.device) -> None:
         results.append((loss.detach(), grads))
     report("compiled layers + fused CE: loss vs eager (bf16 autocast)", rel(results[1][0], results[0][0]), 1e-2)
     report("compiled layers + fused CE: gradients vs eager", rel(results[1][1], results[0][1]), 3e-2)
+
+
+def check_cuda_graphs(dev: torch.device) -> None:
+    """training.cuda_graphs (the compiled layers replayed as CUDA graphs) against the same
+    compiled layers without graphs: three steps of two accumulated micro-batches each, bf16
+    autocast, the same kernels, so losses and final weights agree to rounding (a replay that
+    overwrote an earlier micro-batch's gradients would be off by far more)."""
+    from moe_lab.training import MoETrainer, train_step
+
+    g = torch.Generator().manual_seed(2)
+    steps = [[{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+              for ids in torch.randint(0, 1024, (2, 4, 256), generator=g).to(dev)] for _ in range(3)]
+    runs = []
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = MoEModel(vocab_size=1024, hidden_size=256, num_layers=4, num_attention_heads=4, num_experts=8,
+                         expert_hidden_size=512, max_position_embeddings=256, dropout=0.0)
+        tr = MoETrainer(model, device="cuda", fast_paths=True, mixed_precision=True, progress_bar=False,
+                        tensorboard=False, cuda_graphs=graphs, lm_loss="chunked")
+        tr.setup_optimizer(1e-3, 1, 10)
+        losses = [train_step(tr.model, tr.optimizer, micro, tr.runtime, scheduler=tr.scheduler,
+                             settings=tr.settings).loss_share for micro in steps]
+        weights = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+        runs.append((torch.tensor(losses), weights))
+    report("cuda_graphs (2 micro-batches, 3 steps): losses vs compiled without graphs", rel(runs[1][0], runs[0][0]), 1e-3)
+    report("cuda_graphs (2 micro-batches, 3 steps): weights vs compiled without graphs", rel(runs[1][1], runs[0][1]), 1e-3)
 
 
 def _engine_tokens(model, prompts, new, use_cuda_graph, slots=2, **params):
@@ -152,6 +181,7 @@ def main() -> int:
     print(f"GPU check on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     check_grouped(dev)
     check_compiled_step(dev)
+    check_cuda_graphs(dev)
     check_engine(dev)
     print(f"{len(FAILED)} failed" + (f": {FAILED}" if FAILED else ""))
     return 1 if FAILED else 0

@@ -10,8 +10,9 @@ Runs (same seed, same weights, same batches, bf16 autocast unless noted):
 - ``fast paths, logits CE``: compiled decoder layers + compiled cross-entropy (CUDA);
 - ``fast paths, chunked CE``: the same with the chunked linear + cross-entropy (the default
   of ``moe-lab train`` on CUDA);
-- ``reduce-overhead, chunked CE``: the layers compiled in mode reduce-overhead (CUDA graphs; an
-  experiment of benchmarks/train_step.py, not a trainer option);
+- ``cuda_graphs, chunked CE`` and ``cuda_graphs, 2 micro-batches``: ``training.cuda_graphs``
+  (the layers replay as CUDA graphs), with one micro-batch per step and with the same rows as
+  two accumulated micro-batches (CUDA);
 - ``chunked CE, eager layers``: the chunked loss alone (the one fast path that also runs on CPU).
 
 "Within bf16 noise" is decided per window of ``--window`` steps: the mean loss of a window
@@ -37,7 +38,6 @@ from moe_lab.config import MoEConfig
 from moe_lab.data import ByteTokenizer, build_corpus, collate_moe_batch, prepare_moe_dataset
 from moe_lab.model import MoEModel
 from moe_lab.training import MoETrainer, train_step
-from train_step import set_compile_mode  # benchmarks/ is on sys.path when run as a script
 
 
 def make_batches(seq: int, batch: int, steps: int, size_bytes: int) -> List[Dict[str, torch.Tensor]]:
@@ -55,7 +55,7 @@ def make_batches(seq: int, batch: int, steps: int, size_bytes: int) -> List[Dict
 
 
 def run_curve(cfg: MoEConfig, init: Dict[str, torch.Tensor], batches: List[Dict[str, torch.Tensor]],
-              device: torch.device, bf16: bool, fast: bool, lm_loss: str, compile_mode: str = "default",
+              device: torch.device, bf16: bool, fast: bool, lm_loss: str, cuda_graphs: bool = False,
               micro_batches: int = 1, lr: float = 3e-4) -> List[float]:
     """The step losses of one run; ``micro_batches`` > 1 splits each batch for accumulation
     (the same step, the loss summed over the micro-batches)."""
@@ -64,8 +64,7 @@ def run_curve(cfg: MoEConfig, init: Dict[str, torch.Tensor], batches: List[Dict[
     model = MoEModel.from_config(cfg)
     model.load_state_dict(init)
     trainer = MoETrainer(model, device=str(device), mixed_precision=bf16, fast_paths=fast, progress_bar=False,
-                         tensorboard=False, seed=0, lm_loss=lm_loss)
-    set_compile_mode(trainer, compile_mode)
+                         tensorboard=False, seed=0, lm_loss=lm_loss, cuda_graphs=cuda_graphs)
     trainer.setup_optimizer(lr, 10, len(batches))
     losses = []
     for b in batches:
@@ -119,14 +118,15 @@ def main() -> int:
           f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.experts_per_token}, "
           f"window {args.window}", flush=True)
     runs: Dict[str, Any] = {}
-    # name: (bf16 autocast, fast paths, lm_loss, compile mode, micro-batches per step)
-    plan = {"eager fp32": (False, False, "logits", "default", 1), "eager bf16": (True, False, "logits", "default", 1),
-            "eager bf16, perturbed": (True, False, "logits", "default", 1)}
+    # name: (bf16 autocast, fast paths, lm_loss, cuda_graphs, micro-batches per step)
+    plan = {"eager fp32": (False, False, "logits", False, 1), "eager bf16": (True, False, "logits", False, 1),
+            "eager bf16, perturbed": (True, False, "logits", False, 1)}
     if cuda:
-        plan["fast paths, logits CE"] = (True, True, "logits", "default", 1)
-        plan["fast paths, chunked CE"] = (True, True, "chunked", "default", 1)
-        plan["reduce-overhead, chunked CE"] = (True, True, "chunked", "reduce-overhead", 1)
-    plan["chunked CE, eager layers"] = (True, False, "chunked", "default", 1)
+        plan["fast paths, logits CE"] = (True, True, "logits", False, 1)
+        plan["fast paths, chunked CE"] = (True, True, "chunked", False, 1)
+        plan["cuda_graphs, chunked CE"] = (True, True, "chunked", True, 1)
+        plan["cuda_graphs, 2 micro-batches"] = (True, True, "chunked", True, 2)
+    plan["chunked CE, eager layers"] = (True, False, "chunked", False, 1)
     for run_name, (bf16, fast, lm_loss, mode, micro) in plan.items():
         runs[run_name] = run_curve(cfg, init if run_name != "eager bf16, perturbed" else perturbed, batches, device,
                                    bf16, fast, lm_loss, mode, micro, args.lr)

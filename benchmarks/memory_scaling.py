@@ -31,7 +31,9 @@ activation checkpointing, and FSDP2 at degree 1 with ``MixedPrecisionPolicy`` (b
 fp32 master weights and reduction) plus activation checkpointing. Then it searches (doubling,
 then bisection, eager) for the largest ``num_layers`` (``--grow hidden``: hidden size, in
 steps of two 64-wide heads, ffn = 4 x hidden) that trains one step without FSDP, and with
-FSDP(1 rank, mixed precision) + AC full. Multi-GPU runs belong to the multi-GPU benchmarks.
+FSDP(1 rank, mixed precision) + AC full; ``--grow seq`` searches instead for the longest
+sequence (in units of 1,024 tokens) that trains one step at batch 1 with the default model and
+the chunked LM loss. Multi-GPU runs belong to the multi-GPU benchmarks.
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def free(device: torch.device) -> None:
 
 
 def train_steps(config: MoEConfig, device: torch.device, variant: str, batch: int, seq: int, steps: int,
-                fast_paths: bool) -> Dict[str, Any]:
+                fast_paths: bool, lm_loss: str = "auto") -> Dict[str, Any]:
     """Build ``config`` on ``device`` and train ``steps`` steps as ``variant`` ("plain": fp32
     weights + bf16 autocast; "ac": the same + AC full; "fsdp+ac": FSDP(1 rank, bf16 mixed
     precision) + AC full). Returns the peak memory (GiB; NaN off CUDA) and the last loss."""
@@ -294,7 +296,7 @@ def train_steps(config: MoEConfig, device: torch.device, variant: str, batch: in
     fsdp = variant == "fsdp+ac"
     trainer = MoETrainer(model, device=str(device), mixed_precision=not fsdp, fast_paths=fast_paths,
                          progress_bar=False, tensorboard=False, seed=0,
-                         activation_checkpointing="none" if variant == "plain" else "full",
+                         activation_checkpointing="none" if variant == "plain" else "full", lm_loss=lm_loss,
                          runtime=OneRankFSDPRuntime() if fsdp else None)
     if fsdp:
         one_rank_fsdp(trainer.model, device)
@@ -317,10 +319,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def fits(config: MoEConfig, device: torch.device, variant: str, batch: int, seq: int,
-         fast_paths: bool) -> Optional[Dict[str, Any]]:
+         fast_paths: bool, lm_loss: str = "auto") -> Optional[Dict[str, Any]]:
     """One train step of ``config`` as ``variant``: its result, or None when it runs out of memory."""
     try:
-        result: Optional[Dict[str, Any]] = train_steps(config, device, variant, batch, seq, 1, fast_paths)
+        result: Optional[Dict[str, Any]] = train_steps(config, device, variant, batch, seq, 1, fast_paths, lm_loss)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _is_oom(exc):
             raise
@@ -329,11 +331,18 @@ def fits(config: MoEConfig, device: torch.device, variant: str, batch: int, seq:
     return result
 
 
+#: ``--grow seq`` counts the sequence length in units of this many tokens
+SEQ_UNIT = 1024
+
+
 def grown_config(base: MoEConfig, grow: str, n: int) -> MoEConfig:
-    """``base`` with ``n`` layers (``grow="layers"``), or a hidden size of ``n`` units of two
-    heads (``grow="hidden"``; the head width stays, the ffn keeps its ratio to the hidden size)."""
+    """``base`` with ``n`` layers (``grow="layers"``), a hidden size of ``n`` units of two
+    heads (``grow="hidden"``; the head width stays, the ffn keeps its ratio to the hidden size),
+    or positions for ``n * SEQ_UNIT`` tokens (``grow="seq"``; the model is otherwise ``base``)."""
     if grow == "layers":
         return base.replace(num_layers=n)
+    if grow == "seq":
+        return base.replace(max_position_embeddings=n * SEQ_UNIT)
     head_dim = base.hidden_size // base.num_attention_heads
     hidden = n * 2 * head_dim
     ffn = base.intermediate_size * hidden // base.hidden_size
@@ -343,19 +352,22 @@ def grown_config(base: MoEConfig, grow: str, n: int) -> MoEConfig:
 
 def grown_size(base: MoEConfig, grow: str) -> int:
     """``base``'s size in the units of :func:`grown_config`."""
+    if grow == "seq":
+        return 1
     return base.num_layers if grow == "layers" else base.num_attention_heads // 2
 
 
 def largest_model(base: MoEConfig, device: torch.device, variant: str, grow: str, batch: int, seq: int,
-                  limit: int, fast_paths: bool) -> Dict[str, Any]:
+                  limit: int, fast_paths: bool, lm_loss: str = "auto") -> Dict[str, Any]:
     """The largest ``num_layers`` (or hidden size) that trains one step: double from ``base``
     until a step runs out of memory (or passes ``limit`` units), then bisect to ~6%."""
 
     def trial(n: int) -> Optional[Dict[str, Any]]:
         t0 = time.perf_counter()
         config = grown_config(base, grow, n)
-        r = fits(config, device, variant, batch, seq, fast_paths)
-        what = f"{n} layers" if grow == "layers" else f"hidden {config.hidden_size}"
+        r = fits(config, device, variant, batch, n * SEQ_UNIT if grow == "seq" else seq, fast_paths, lm_loss)
+        what = {"layers": f"{n} layers", "hidden": f"hidden {config.hidden_size}",
+                "seq": f"seq {n * SEQ_UNIT}"}[grow]
         status = "OOM" if r is None else f"fits, {r['params'] / 1e9:.2f}B params, peak {r['peak_gib']:.1f} GiB"
         print(f"  {variant:8s} {what:>12}: {status} ({time.perf_counter() - t0:.0f}s)", flush=True)
         return r
@@ -379,7 +391,8 @@ def largest_model(base: MoEConfig, device: torch.device, variant: str, grow: str
         else:
             lo, best = mid, r
     config = grown_config(base, grow, lo)
-    return {"variant": variant, "grow": grow, "size": lo if grow == "layers" else config.hidden_size,
+    size = {"layers": lo, "hidden": config.hidden_size, "seq": lo * SEQ_UNIT}[grow]
+    return {"variant": variant, "grow": grow, "size": size,
             "params": best["params"], "peak_gib": best["peak_gib"], "limited": lo >= limit}
 
 
@@ -403,9 +416,13 @@ def run_gpu(args: argparse.Namespace) -> None:
             print(f"{labels[variant]:<44} {r['peak_gib']:>9.2f} {r['loss']:>8.4f}", flush=True)
             free(device)
     if not args.skip_search:
-        print(f"largest model that trains one step (grow {args.grow}, eager):", flush=True)
-        found = [largest_model(config, device, v, args.grow, args.batch, seq, args.max_size, fast_paths=False)
-                 for v in ("plain", "fsdp+ac")]
+        # the sequence search: batch 1 and the chunked LM loss (the logits of one long sequence alone
+        # would fill the card), eager (no recompile per length)
+        batch, lm_loss = (1, "chunked") if args.grow == "seq" else (args.batch, "auto")
+        print(f"largest {'sequence' if args.grow == 'seq' else 'model'} that trains one step (grow {args.grow}, "
+              f"batch {batch}, eager, lm_loss {lm_loss}):", flush=True)
+        found = [largest_model(config, device, v, args.grow, batch, seq, args.max_size, fast_paths=False,
+                               lm_loss=lm_loss) for v in ("plain", "fsdp+ac")]
         for f in found:
             if f["size"] is None:
                 print(f"  {f['variant']}: even the default size does not fit")
@@ -424,7 +441,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--eager", action="store_true", help="--gpu: peak memory without the fast paths (no compile)")
-    p.add_argument("--grow", choices=["layers", "hidden"], default="layers")
+    p.add_argument("--grow", choices=["layers", "hidden", "seq"], default="layers",
+                   help="--gpu search: layers, hidden size, or the sequence length at batch 1 (units of 1024 tokens)")
     p.add_argument("--max-size", type=int, default=512,
                    help="--gpu: stop the search at this many layers (or units of two heads of hidden size)")
     p.add_argument("--skip-peak", action="store_true")

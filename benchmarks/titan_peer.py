@@ -47,6 +47,10 @@ applied in this process, and each benchmark prints them:
 - mask built once: when torchtitan's CUDA-graph input check rejects a block mask rebuilt
   for the next step (tested on two masks built from the same positions), the identical
   mask is built once and passed to every step.
+- ``[norm, lm_head]`` as two FSDP2 units (torch < 2.13): torchtitan shards them as one unit
+  and its chunked loss reshards it before the decoder backward reaches the norm, which torch
+  2.11's FSDP2 does not gather again (:func:`_split_norm_lm_head_unit`). A check after the
+  warmup steps asserts that the final norm got a finite, non-zero gradient.
 - CPU only (the smoke test): torchtitan picks ``cuda`` as its device type when no
   accelerator is found, so its mesh builder is pointed at ``cpu``; flex attention has no
   backward on CPU, so each layer's inner attention is torchtitan's causal
@@ -114,6 +118,7 @@ def _apply_import_shims() -> None:
 
 def _import_torchtitan(device: torch.device) -> None:
     _apply_import_shims()
+    _split_norm_lm_head_unit()
     import torchtitan.distributed.parallel_dims as parallel_dims
     import torchtitan.models.qwen3  # noqa: F401  (the model registry imports most of torchtitan)
 
@@ -322,6 +327,15 @@ class TitanTrainStep:
                 loss.backward()
         return loss
 
+    def final_norm_grad_norm(self) -> float:
+        """The gradient norm of the decoder's final norm weight after a step (0 or NaN would
+        mean that the decoder's backward never reached it)."""
+        grad = self.model.norm.weight.grad
+        if grad is None:
+            return float("nan")
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        return float(grad.float().norm())
+
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor, extra_kwargs: Dict[str, Any]) -> torch.Tensor:
         """``Trainer.train_step`` for one rank, one micro-batch, no pipeline: returns the loss."""
         self.step_count += 1
@@ -334,6 +348,34 @@ class TitanTrainStep:
         self.optimizers.step()
         self.lr_schedulers.step()
         return loss
+
+
+def _split_norm_lm_head_unit() -> None:
+    """torchtitan shards ``[norm, lm_head]`` as one FSDP2 unit, and ``ChunkedLossWrapper``
+    reshards ``lm_head`` after its chunk loop, before the decoder's backward has reached the
+    final norm. torch 2.13's FSDP2 gathers the unit again for the norm's backward; torch 2.11's
+    does not, and the norm's backward reads the freed bf16 weight ("data is not allocated
+    yet"); deferring that reshard instead leaves lm_head's accumulated fp32 gradient in the
+    unit's second reduce-scatter ("expects uniform gradient dtype"). On torch < 2.13 the two
+    modules are sharded as two units (same policy and reshard setting): the norm's 768 weights
+    get their own gather, and lm_head's unit is what the chunked loss manages."""
+    import torchtitan.distributed.fsdp as tt_fsdp
+
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version >= (2, 13) or getattr(tt_fsdp.fully_shard, "titan_peer_shim", False):
+        return
+    fully_shard = tt_fsdp.fully_shard
+
+    def fully_shard_norm_and_lm_head_apart(module: Any, **kwargs: Any) -> Any:
+        if isinstance(module, (list, tuple)) and len(module) == 2:  # only [model.norm, model.lm_head] (untied)
+            for m in module:
+                fully_shard(m, **kwargs)
+            return module
+        return fully_shard(module, **kwargs)
+
+    fully_shard_norm_and_lm_head_apart.titan_peer_shim = True
+    tt_fsdp.fully_shard = fully_shard_norm_and_lm_head_apart
+    _shim("[norm, lm_head] as two FSDP2 units (torch < 2.13 FSDP2 does not regather the unit for the norm's backward)")
 
 
 def _attention_kwargs(step: TitanTrainStep, positions_BS: torch.Tensor) -> Callable[[], Dict[str, Any]]:
@@ -402,6 +444,10 @@ def _time_steps(step: TitanTrainStep, ids_BS: torch.Tensor, labels_BS: torch.Ten
     for _ in range(warmup):
         step(ids_BS, labels_BS, kwargs())
     _sync(device)
+    norm_grad = step.final_norm_grad_norm()
+    print(f"[titan_peer] final norm weight grad norm after warmup: {norm_grad:.4g}", flush=True)
+    if not math.isfinite(norm_grad) or norm_grad == 0.0:
+        raise RuntimeError(f"torchtitan's final norm got no gradient ({norm_grad}): its decoder backward did not run")
     if step.cuda_graph:
         from torchtitan.distributed.cudagraph import _manager
 

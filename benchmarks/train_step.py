@@ -62,15 +62,6 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def set_compile_mode(trainer: MoETrainer, mode: str) -> None:
-    """An experiment, not a trainer option: recompile the fast paths' decoder layers in another
-    ``torch.compile`` mode ("reduce-overhead": CUDA graphs of each layer's forward and backward;
-    one micro-batch per step only, see BENCHMARKS.md)."""
-    if mode != "default" and trainer.args.fast_paths and trainer.device.type == "cuda":
-        for layer in trainer.model.layers:
-            layer.compile(dynamic=False, mode=mode)
-
-
 class _OneRankFSDPRuntime(Runtime):
     """The one-process runtime for a model under FSDP2 at degree 1: its gradient norm is a
     DTensor, returned here as a plain tensor."""
@@ -98,21 +89,23 @@ def _fsdp_one_rank(model: torch.nn.Module, device: torch.device) -> None:
 
 def bench_moe_lab(cfg: MoEConfig, batch: Dict[str, torch.Tensor], device: torch.device, fast: bool,
                   steps: int, warmup: int, lm_loss: str = "auto", profile: bool = False,
-                  compile_mode: str = "default", fsdp_bf16: bool = False) -> Dict[str, Any]:
+                  cuda_graphs: bool = False, fsdp_bf16: bool = False, micro_batches: int = 1) -> Dict[str, Any]:
     free_memory(device)
     torch.manual_seed(0)
     model = MoEModel.from_config(cfg)
     # fsdp_bf16: bf16 parameters from FSDP2's policy instead of autocast over fp32 parameters
     trainer = MoETrainer(model, device=str(device), mixed_precision=not fsdp_bf16, fast_paths=fast,
                          progress_bar=False, tensorboard=False, seed=0, lm_loss=lm_loss,
-                         runtime=_OneRankFSDPRuntime() if fsdp_bf16 else None)
-    set_compile_mode(trainer, compile_mode)
+                         runtime=_OneRankFSDPRuntime() if fsdp_bf16 else None, cuda_graphs=cuda_graphs)
     if fsdp_bf16:
         _fsdp_one_rank(trainer.model, device)
     trainer.setup_optimizer(3e-4, 10, 1000)
 
+    # micro_batches > 1: the same rows as gradient accumulation (the step's tokens unchanged)
+    micro = [dict(zip(batch, parts)) for parts in zip(*(v.chunk(micro_batches) for v in batch.values()))]
+
     def step() -> float:  # the public step moe-lab train runs, with the trainer's settings
-        return train_step(trainer.model, trainer.optimizer, [batch], trainer.runtime, scheduler=trainer.scheduler,
+        return train_step(trainer.model, trainer.optimizer, micro, trainer.runtime, scheduler=trainer.scheduler,
                           settings=trainer.settings).loss_share
 
     for _ in range(warmup):
@@ -207,7 +200,7 @@ def main() -> None:
                    help="also time torchtitan 0.3.0's Qwen3-MoE at this shape with its single-GPU settings "
                         "(compiled, then its CUDA-graph default; benchmarks/titan_peer.py)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="also time the fast paths with the layers compiled in mode reduce-overhead (CUDA graphs)")
+                   help="also time training.cuda_graphs (the layers as CUDA graphs), with 1 and 2 micro-batches")
     p.add_argument("--spmd-backend", nargs="+", default=["spmd_types"], choices=["spmd_types", "partial_dtensor"],
                    help="torchtitan's ParallelismConfig.spmd_backend for its rows (each one given is timed)")
     p.add_argument("--fsdp-bf16", action="store_true",
@@ -275,8 +268,10 @@ def main() -> None:
     if not args.skip_eager:
         add("moe_lab trainer (eager)", bench_moe_lab, cfg, batch, device, False, steps, warmup)
     if args.cuda_graphs and device.type == "cuda":
-        add("moe_lab (fast paths, chunked CE, layers reduce-overhead)", bench_moe_lab, cfg, batch, device, True, steps,
-            warmup, lm_loss="chunked", compile_mode="reduce-overhead")
+        add("moe_lab (fast paths, chunked CE, cuda_graphs)", bench_moe_lab, cfg, batch, device, True, steps,
+            warmup, lm_loss="chunked", cuda_graphs=True, profile=args.profile)
+        add("moe_lab (chunked CE, cuda_graphs, 2 micro-batches)", bench_moe_lab, cfg, batch, device, True, steps,
+            warmup, lm_loss="chunked", cuda_graphs=True, micro_batches=2)
     if len(rows) < 1 + (not args.skip_hf):
         raise SystemExit("a headline row failed (see above)")
 

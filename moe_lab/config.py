@@ -360,5 +360,27 @@ class TrainingConfig(_StrictModel):
     #: from layer 0); exact (see moe_lab.training.activation_checkpointing)
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     activation_checkpointing_every: int = Field(2, ge=1)  #: "selective": checkpoint layers 0, n, 2n, ...
+    #: CUDA graphs of every decoder layer's forward and backward (the fast paths' layers compiled
+    #: in torch.compile mode "reduce-overhead"; gradients stay allocated and are zeroed in place,
+    #: so accumulation over micro-batches works). Needs fast_paths on a CUDA device, one process
+    #: or data parallelism, and no activation checkpointing; a new micro-batch shape records
+    #: new graphs. See moe_lab.training.fast_paths.
+    cuda_graphs: bool = False
     mlflow_tracking_uri: Optional[str] = None  #: log to MLflow too (e.g. "file:./mlruns"; needs mlflow)
     mlflow_experiment: str = "moe-lab"
+
+    @model_validator(mode="after")
+    def _check_cuda_graphs(self) -> "TrainingConfig":
+        if not self.cuda_graphs:
+            return self
+        problems = []
+        if not self.fast_paths:
+            problems.append("cuda_graphs needs fast_paths: true (the graphs are of the compiled layers)")
+        if self.device.startswith("cpu"):
+            problems.append(f"cuda_graphs needs a CUDA device, got device {self.device!r}")
+        if self.activation_checkpointing != "none":
+            problems.append(f"cuda_graphs does not combine with activation_checkpointing "
+                            f"{self.activation_checkpointing!r} (expected 'none')")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

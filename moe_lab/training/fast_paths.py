@@ -9,6 +9,8 @@ the eager :func:`lm_loss_sum` and compiles nothing. :func:`chunked_head_loss` pi
 loss (``training.lm_loss``): on CUDA with fast paths, the chunked linear + cross-entropy that
 never materialises the logits (with its per-chunk math compiled). Turn it off with
 ``training.fast_paths: false`` (``MoETrainer(fast_paths=False)``) to debug in eager mode.
+``training.cuda_graphs: true`` also replays each layer's forward and backward as CUDA graphs
+(a GPU option, off by default; see BENCHMARKS.md for its speed and loss parity).
 
 Tests: tests/training/test_fast_paths.py checks :func:`lm_loss_sum` against a hand-computed
 cross-entropy, that the CPU path compiles nothing, and (slow) the compiled loss against the
@@ -34,14 +36,23 @@ def lm_loss_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tens
     )
 
 
-def apply_fast_paths(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Compile the model's decoder layers on CUDA; returns the (compiled) loss function."""
+def apply_fast_paths(model: nn.Module, device: torch.device,
+                     cuda_graphs: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Compile the model's decoder layers on CUDA; returns the (compiled) loss function.
+
+    ``cuda_graphs``: compile the layers in mode "reduce-overhead", so that each layer's
+    forward and backward replay as CUDA graphs (torch's cudagraph trees). The step then
+    keeps the gradients allocated (:func:`moe_lab.training.step.train_step` with
+    ``StepSettings.cuda_graphs``): a backward graph's outputs live in the graphs' memory
+    pool and are overwritten by its next replay, so they are added into persistent
+    gradients instead of becoming them."""
     if device.type != "cuda":
         return lm_loss_sum
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    mode = "reduce-overhead" if cuda_graphs else "default"
     for layer in getattr(model, "layers", []):
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, mode=mode)
     return torch.compile(lm_loss_sum, dynamic=False)
 
 

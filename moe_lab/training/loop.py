@@ -125,14 +125,38 @@ class MoETrainer:
         self.scheduler: Any = scheduler if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) else None
         self._apply_activation_checkpointing()
         amp_dtype, scaler = _mixed_precision(self.args.mixed_precision, self.device)
-        loss_fn = apply_fast_paths(self.model, self.device) if self.args.fast_paths else lm_loss_sum
+        self._check_cuda_graphs()
+        loss_fn = (apply_fast_paths(self.model, self.device, cuda_graphs=self.args.cuda_graphs)
+                   if self.args.fast_paths else lm_loss_sum)
         self.settings = StepSettings(self.device, amp_dtype, scaler, self.args.max_grad_norm, loss_fn,
-                                     head_loss_fn=chunked_head_loss(self.args, self.device))
+                                     head_loss_fn=chunked_head_loss(self.args, self.device),
+                                     cuda_graphs=self.args.cuda_graphs)
         self.global_step = 0
         self.total_steps: Optional[int] = None
         #: (epoch, micro-batch in epoch) after the last step: where a resume continues
         self.position: Tuple[int, int] = (0, 0)
         self.routing_totals: Optional[torch.Tensor] = None  # [L, E] cumulative expert counts
+
+    def _check_cuda_graphs(self) -> None:
+        """``cuda_graphs`` needs what TrainingConfig checks, plus a resolved CUDA device, a model
+        whose parameters are plain tensors (not FSDP/TP shards: their hooks run between the
+        graphs) and no pipeline schedule."""
+        if not self.args.cuda_graphs:
+            return
+        from torch.distributed.tensor import DTensor
+
+        if self.device.type != "cuda":
+            raise ConfigError(f"cuda_graphs needs a CUDA device; device {self.args.device!r} resolved to "
+                              f"{str(self.device)!r}")
+        if getattr(self.runtime, "pipeline", None) is not None:
+            raise ConfigError("cuda_graphs does not combine with pipeline parallelism (expected pp 1)")
+        dims = getattr(self.runtime, "dims", None)
+        if dims is not None and dims.ep > 1:
+            raise ConfigError(f"cuda_graphs does not combine with expert parallelism (ep {dims.ep}; expected 1): "
+                              "the all-to-all's split sizes are read on the host inside each layer")
+        if any(isinstance(p, DTensor) for p in self.model.parameters()):
+            raise ConfigError("cuda_graphs needs unsharded parameters (no FSDP or tensor parallelism): "
+                              "use it in one process or with data parallelism")
 
     def _apply_activation_checkpointing(self) -> None:
         """Checkpoint the decoder layers as ``args.activation_checkpointing`` says; ``"none"``

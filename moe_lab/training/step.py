@@ -56,6 +56,9 @@ class StepSettings:
     #: a loss that applies the LM head itself, ``fn(h_BSD, lm_head_weight_VD, labels_BS) -> CE sum``
     #: (the chunked linear + cross-entropy of the GPU fast path); None: logits + ``loss_sum_fn``
     head_loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    #: the layers replay as CUDA graphs (``apply_fast_paths(cuda_graphs=True)``): each
+    #: micro-batch starts a cudagraph-trees step, and gradients stay allocated (zeroed in place)
+    cuda_graphs: bool = False
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -159,6 +162,8 @@ def _forward_backward(
     ``[3, L]`` layer statistics (this rank's shares), ``[L, E]`` expert counts and selections."""
     losses, ce_sums, layer_stats, expert_counts, selections = [], [], [], [], []
     for a, batch in enumerate(micro_batches):
+        if settings.cuda_graphs:  # the previous micro-batch's graph outputs are consumed: replay over them
+            torch.compiler.cudagraph_mark_step_begin()
         loss, info, ce_sum = forward_loss(model, batch, labels_total, settings, runtime, totals)
         if settings.scaler is not None:
             settings.scaler.scale(loss).backward()
@@ -200,6 +205,8 @@ def train_step(
     scope = getattr(getattr(model, "config", None), "load_balancing_scope", "micro_batch")
     if scope == "global_batch" and len(micro_batches) > 1:
         totals.selection_counts_LE = step_selection_counts(model, micro_batches, settings, runtime)
+    if settings.cuda_graphs:
+        _allocate_grads(model)
     pipeline = getattr(runtime, "pipeline", None)
     if pipeline is not None:  # pipeline stages: the schedule runs the micro-batches
         parts = pipeline.forward_backward(model, micro_batches, labels_total, real_total, totals, settings, runtime)
@@ -217,7 +224,7 @@ def train_step(
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not settings.cuda_graphs)
     if selections and selections[0].numel() and _has_expert_bias(model):
         load_LE = totals.selection_counts_LE if totals.selection_counts_LE is not None else None
         if load_LE is None:
@@ -231,6 +238,16 @@ def train_step(
         stats.layer_stats_3L = torch.stack(layer_stats).sum(0).cpu()
         stats.expert_counts_LE = torch.stack(expert_counts).sum(0).cpu()
     return stats
+
+
+def _allocate_grads(model: nn.Module) -> None:
+    """Give every trainable parameter a zero gradient where it has none, so that backward adds
+    into it in place. Under CUDA graphs a backward graph's output is memory the next replay
+    overwrites; a parameter whose ``.grad`` were that output would lose the earlier
+    micro-batches' gradients (and cudagraph trees raise when they are read)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _has_expert_bias(model: nn.Module) -> bool:

@@ -142,3 +142,74 @@ def test_chunked_lm_loss_trains_like_the_logits_loss(tmp_path):
     for k in wa:  # relative error per tensor (Adam turns summation-order noise into single-element steps)
         rel = float((wa[k].double() - wb[k].double()).norm() / wa[k].double().norm().clamp(min=1e-30))
         assert rel <= 1e-5, f"{k}: relative error {rel:.1e}"
+
+
+# ---- training.cuda_graphs -------------------------------------------------------------
+# The graphs themselves need a GPU (benchmarks/gpu_check.py compares them with the compiled
+# layers without graphs); here: the option's validation, and the step's CUDA-graph mode
+# (gradients kept allocated, zeroed in place, one cudagraph-trees step per micro-batch),
+# which runs on CPU too.
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(cuda_graphs=True, device="cpu"), "cuda_graphs needs a CUDA device, got device 'cpu'"),
+    (dict(cuda_graphs=True, fast_paths=False, device="cuda"), "cuda_graphs needs fast_paths: true"),
+    (dict(cuda_graphs=True, activation_checkpointing="full", device="cuda"),
+     "does not combine with activation_checkpointing 'full'"),
+])
+def test_cuda_graphs_option_is_checked_in_the_config(kwargs, expected):
+    from moe_lab.config import TrainingConfig
+    from moe_lab.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=expected):
+        TrainingConfig(**kwargs)
+    assert TrainingConfig(cuda_graphs=True, device="cuda").cuda_graphs  # the valid combination
+
+
+def test_cuda_graphs_on_a_cpu_only_machine_fails_before_compiling():
+    from moe_lab.errors import ConfigError
+
+    model = MoEModel.from_config(tiny_config())
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device; device 'auto' resolved to 'cpu'"):
+        MoETrainer(model, cuda_graphs=True, progress_bar=False, tensorboard=False)
+    assert all(layer._compiled_call_impl is None for layer in model.layers)
+
+
+def test_cuda_graph_step_mode_accumulates_like_the_plain_step():
+    """StepSettings(cuda_graphs=True): two micro-batches give the plain step's losses, gradient
+    norms and weights, and the gradients stay allocated (zeroed in place) between steps, so
+    that no backward output ever becomes a parameter's ``.grad``."""
+    from moe_lab.training.step import StepSettings, train_step
+
+    g = torch.Generator().manual_seed(3)
+    steps = [[{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+              for ids in torch.randint(0, 97, (2, 2, 16), generator=g)] for _ in range(3)]
+    runs = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = MoEModel.from_config(tiny_config())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        settings = StepSettings(torch.device("cpu"), max_grad_norm=1.0, cuda_graphs=graphs)
+        stats, grad_ids, allocated_at_forward = [], set(), []
+        model.register_forward_pre_hook(
+            lambda mod, args: allocated_at_forward.append(all(p.grad is not None for p in mod.parameters())))
+        for micro in steps:
+            s = train_step(model, opt, micro, settings=settings)
+            stats.append((s.loss_share, s.grad_norm))
+            grads = [p.grad for p in model.parameters()]
+            if graphs:
+                assert all(gr is not None and not gr.any() for gr in grads)  # kept, and zero
+                grad_ids |= {id(gr) for gr in grads}
+            else:
+                assert all(gr is None for gr in grads)
+        if graphs:  # allocated before the first backward, and the same gradient tensors in every step
+            assert allocated_at_forward == [True] * 6
+            assert len(grad_ids) == len(list(model.parameters()))
+        else:
+            assert allocated_at_forward[0] is False
+        runs[graphs] = (stats, model.state_dict())
+    (plain, w_plain), (graphed, w_graphed) = runs[False], runs[True]
+    for (la, na), (lb, nb) in zip(plain, graphed):
+        assert la == pytest.approx(lb, rel=1e-6) and na == pytest.approx(nb, rel=1e-6)
+    for k in w_plain:
+        torch.testing.assert_close(w_graphed[k], w_plain[k], rtol=1e-6, atol=1e-7)
