@@ -141,6 +141,15 @@ class JobSpec(_StrictModel):
             problems.append(f"scaling.expert_tp with scaling.ep 1 and GLU experts needs training.checkpoint_format "
                             f"'full' (got {self.training.checkpoint_format!r}): sharded checkpoints cannot store the "
                             "GLU experts' strided TP split without EP yet")
+        if self.training.cuda_graphs:  # checked here, in the driver, before Ray starts
+            if not sc.use_gpu:
+                problems.append("training.cuda_graphs needs scaling.use_gpu: true (the workers train on CUDA)")
+            sharded = {"scaling.dp_shard": sc.dp_shard, "scaling.tp": sc.tp, "scaling.pp": sc.pp,
+                       "scaling.ep": sc.expert_parallel}
+            for name, value in sharded.items():
+                if value > 1:
+                    problems.append(f"training.cuda_graphs works in one process or with data parallelism; got "
+                                    f"{name} {value} (expected 1)")
         if problems:
             raise ValueError("; ".join(problems))
         if self.data.max_length > self.model.max_position_embeddings:

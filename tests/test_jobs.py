@@ -160,6 +160,12 @@ def test_scaling_layout_from_set():
         (["scaling.num_workers=4", "scaling.tp=2", "data.streaming=true", "training.batch_size=6"],
          r"data\.streaming with scaling\.tp \(2\) > 1 needs training\.batch_size \(6\) divisible by "
          r"scaling\.num_workers \(4\)"),
+        (["training.cuda_graphs=true", "scaling.ep=1"],
+         r"training\.cuda_graphs needs scaling\.use_gpu: true"),
+        (["training.cuda_graphs=true", "scaling.use_gpu=true", "scaling.num_workers=2", "scaling.ep=2"],
+         r"training\.cuda_graphs works in one process or with data parallelism; got scaling\.ep 2 \(expected 1\)"),
+        (["training.cuda_graphs=true", "scaling.use_gpu=true", "scaling.ep=1", "training.fast_paths=false"],
+         r"cuda_graphs needs fast_paths: true"),
     ],
 )
 def test_bad_layouts_name_the_values(overrides, match):
@@ -170,6 +176,7 @@ def test_bad_layouts_name_the_values(overrides, match):
 @pytest.mark.parametrize("overrides, message", [
     (["scaling.tp=2"], "the tokenizer's vocabulary (259, set model.vocab_size to 260) must be divisible by scaling.tp (2)"),
     (["scaling.pp=2", "model.num_layers=1"], "model.num_layers (1) must be at least scaling.pp (2)"),
+    (["training.cuda_graphs=true"], "training.cuda_graphs needs scaling.use_gpu: true"),
 ])
 def test_cli_rejects_a_bad_layout_before_ray_starts(tmp_path, overrides, message):
     import ray

@@ -22,7 +22,8 @@ def _every_field_changed() -> TrainingConfig:
         activation_checkpointing="selective", activation_checkpointing_every=3, checkpoint_format="sharded",
     )
     defaults = TrainingConfig()
-    missing = sorted(set(TrainingConfig.model_fields) - set(changed))
+    # cuda_graphs=True needs fast_paths and a CUDA device (changed here): test_job_task_carries_cuda_graphs
+    missing = sorted(set(TrainingConfig.model_fields) - set(changed) - {"cuda_graphs"})
     assert not missing, f"add the new TrainingConfig fields {missing} to this test"
     same = [k for k, v in changed.items() if getattr(defaults, k) == v and v is not None]
     assert not same, same
@@ -50,6 +51,13 @@ def test_job_task_carries_the_whole_training_section(tmp_path):
     data = PreparedData(train=[{"input_ids": [1, 2, 3]}], eval=None, tokenizer=list(range(259)), stats={})
     task = job_task(spec, data, tmp_path)
     assert task.training == spec.training.replace(output_dir=str(tmp_path))
+
+
+def test_job_task_carries_cuda_graphs(tmp_path):
+    spec = load_job(None, ["training.cuda_graphs=true", "scaling.use_gpu=true", "scaling.ep=1"])
+    data = PreparedData(train=[{"input_ids": [1, 2, 3]}], eval=None, tokenizer=list(range(259)), stats={})
+    task = job_task(spec, data, tmp_path)
+    assert task.training.cuda_graphs and task.training == spec.training.replace(output_dir=str(tmp_path))
 
 
 def test_distributed_trainer_ships_the_whole_config(monkeypatch, tmp_path):
