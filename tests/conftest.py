@@ -3,6 +3,11 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")  # as moe_lab's embedded clusters run
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train gives a worker group 60 s to start, then removes its placement group and fails the
+# run with a ControllerError; on this 2-core machine, with the other pytest worker's cluster
+# busy, two workers importing torch can take longer (test_streaming_with_ray_data failed so).
+# The clusters the tests start inherit this.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 import pytest
 import torch
