@@ -489,7 +489,9 @@ def test_prometheus_metrics(server):
 def test_drain_finishes_streams_in_flight_and_refuses_new_requests_with_503(server):
     import threading
 
-    args = ServeArgs(**server["long"])
+    # 100-token streams queue behind 2 KV slots on half a CPU: under CI load one can pass the
+    # default 60 s request timeout, which would cut it (that is not what this test is about)
+    args = ServeArgs(**{**server["long"], "request_timeout_s": 240})
     serve.run(app_builder(args), name="drain", route_prefix="/drain")
     body = {"prompt": "drain me:", "max_tokens": 100, "temperature": 0, "stream": True}
     streams = []  # one per client: {"status", "lines", "end"}
